@@ -1,0 +1,125 @@
+//! The validated, typed configuration, and [`load`]: the one way a file becomes a
+//! [`Config`], shared by `lb check`, startup and (later) reload.
+
+mod error;
+mod raw;
+mod types;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use types::{BackendSpec, Balance, CommandSpec};
+
+/// A whole lb configuration, every default filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service: its listeners, how it balances, and where its backends come from.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub balance: Balance,
+    pub max_connections: NonZeroUsize,
+    pub timeouts: Timeouts,
+    pub workers: Option<WorkersConfig>,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long a connect to a backend may take.
+    pub connect: Duration,
+    /// A proxied connection with no bytes either way for this long is closed.
+    pub idle: Duration,
+}
+
+/// How lb runs the worker processes of one service.
+#[derive(Debug, Clone)]
+pub struct WorkersConfig {
+    pub command: CommandSpec,
+    pub count: NonZeroUsize,
+    /// Absolute: resolved against the config file's folder.
+    pub cwd: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub restart_backoff: BackoffPolicy,
+}
+
+/// Restart delays: `initial`, doubling per crash up to `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// Reads, parses and validates a config file; every problem comes back as one line.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            position: None,
+            path: String::new(),
+            message: format!("could not read: {err}"),
+        }])
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, &file, base)
+}
+
+/// Parses config text; `file` names it in errors and `base` anchors relative paths.
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let raw = validate::deserialize(text, file).map_err(|err| ConfigErrors(vec![err]))?;
+    validate::build(raw, file, base)
+}
+
+impl Config {
+    /// The one-screen summary `lb check` prints for a valid file.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for svc in &self.services {
+            let listen: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "service {}: listen {}, balance {}, max_connections {}, connect timeout {}, idle timeout {}",
+                svc.name,
+                listen.join(" "),
+                svc.balance,
+                svc.max_connections,
+                humantime::format_duration(svc.timeouts.connect),
+                humantime::format_duration(svc.timeouts.idle),
+            );
+            if let Some(w) = &svc.workers {
+                let _ = writeln!(
+                    out,
+                    "  workers: {} x {:?} in {} (ready tcp within {}, drain {}, stop {} then SIGKILL after {})",
+                    w.count,
+                    w.command.argv(),
+                    w.cwd.display(),
+                    humantime::format_duration(w.ready_timeout),
+                    humantime::format_duration(w.drain_timeout),
+                    w.stop_signal,
+                    humantime::format_duration(w.stop_timeout),
+                );
+            }
+            for b in &svc.backends {
+                let _ = writeln!(out, "  backend: {} (weight {})", b.label, b.weight);
+            }
+        }
+        out
+    }
+}

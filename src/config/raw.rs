@@ -1,0 +1,128 @@
+//! The serde mirror of the YAML file: every key of the contract, unknown keys refused,
+//! no defaults and no cross-field logic (that is `validate.rs`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+use super::types::{
+    BackendSpec, Balance, CommandSpec, DurationStr, ListenAddrs, NotSupportedYet, Positive,
+    ScalarText, ServiceName, SignalName, WorkerCount, choice,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub admin: Option<RawAdmin>,
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    /// Only `null` is accepted until the admin API exists.
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub listen: Option<NotSupportedYet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub name: Spanned<ServiceName>,
+    pub listen: Spanned<ListenAddrs>,
+    #[serde(default)]
+    pub balance: Option<Balance>,
+    #[serde(default)]
+    pub max_connections: Option<Positive>,
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    pub workers: Option<RawWorkers>,
+    #[serde(default)]
+    pub backends: Option<Vec<BackendSpec>>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub health_check: Option<NotSupportedYet>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub proxy_protocol: Option<ProxyProtocolOff>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    #[serde(default)]
+    pub connect: Option<DurationStr>,
+    #[serde(default)]
+    pub idle: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkers {
+    pub command: CommandSpec,
+    #[serde(default)]
+    pub count: Option<WorkerCount>,
+    #[serde(default)]
+    pub cwd: Option<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, ScalarText>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub ready: Option<ReadyTcp>,
+    #[serde(default)]
+    pub ready_timeout: Option<DurationStr>,
+    #[serde(default)]
+    pub drain_timeout: Option<DurationStr>,
+    #[serde(default)]
+    pub stop_signal: Option<SignalName>,
+    #[serde(default)]
+    pub stop_timeout: Option<DurationStr>,
+    #[serde(default)]
+    pub restart_backoff: Option<Spanned<RawBackoff>>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
+    pub feed: Option<NotSupportedYet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackoff {
+    #[serde(default)]
+    pub initial: Option<DurationStr>,
+    #[serde(default)]
+    pub max: Option<DurationStr>,
+}
+
+/// `ready`: only the TCP probe is built so far.
+#[derive(Debug)]
+pub(super) struct ReadyTcp;
+
+impl<'de> Deserialize<'de> for ReadyTcp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        choice(&text.0, &["tcp"], &["message"])?;
+        Ok(ReadyTcp)
+    }
+}
+
+/// `proxy_protocol`: only `off` is built so far.
+#[derive(Debug)]
+pub(super) struct ProxyProtocolOff;
+
+impl<'de> Deserialize<'de> for ProxyProtocolOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // YAML 1.1 readers turn a bare `off` into false; accept both spellings.
+        let text = ScalarText::deserialize(d)?;
+        let text = if text.0 == "false" {
+            "off"
+        } else {
+            text.0.as_str()
+        };
+        choice(text, &["off"], &["v1", "v2"])?;
+        Ok(ProxyProtocolOff)
+    }
+}

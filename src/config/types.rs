@@ -1,0 +1,454 @@
+//! Small config values that validate themselves while they are deserialized, so a bad
+//! value is reported with the YAML line and column of the value itself.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// Builds a visitor error with our message instead of serde's generic "invalid type".
+fn invalid<E: de::Error>(what: &str, found: impl fmt::Display) -> E {
+    E::custom(format_args!("expected {what}, found {found}"))
+}
+
+/// A duration written as `250ms`, `30s`, `5m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationStr(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WHAT: &str = "a duration like 250ms, 30s, 5m or 1h";
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        humantime::parse_duration(&text.0)
+            .map(DurationStr)
+            .map_err(|_| invalid(WHAT, format_args!("{:?}", text.0)))
+    }
+}
+
+/// `workers.count`: a positive integer, or `auto` for the number of available CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    Auto,
+    Fixed(NonZeroUsize),
+}
+
+impl WorkerCount {
+    /// The number of workers to run on this machine.
+    pub fn resolve(self) -> NonZeroUsize {
+        match self {
+            WorkerCount::Fixed(n) => n,
+            WorkerCount::Auto => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WHAT: &str = "a positive integer or \"auto\"";
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        if text.0 == "auto" {
+            return Ok(WorkerCount::Auto);
+        }
+        match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
+            Some(n) => Ok(WorkerCount::Fixed(n)),
+            None => Err(invalid(WHAT, text.0)),
+        }
+    }
+}
+
+/// A positive integer such as `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positive(pub NonZeroUsize);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WHAT: &str = "a positive integer";
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
+            Some(n) => Ok(Positive(n)),
+            None => Err(invalid(WHAT, text.0)),
+        }
+    }
+}
+
+/// A service name: `[a-z0-9_-]+`, because it appears in logs, metrics labels and URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName(pub String);
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WHAT: &str = "a name made of a-z, 0-9, _ and -";
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let ok = !text.0.is_empty()
+            && text
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(ServiceName(text.0))
+        } else {
+            Err(invalid(WHAT, format_args!("{:?}", text.0)))
+        }
+    }
+}
+
+/// A listen address: an IP and a port (`0.0.0.0:8080`, `[::]:8080`).
+fn parse_listen<E: de::Error>(text: &str) -> Result<SocketAddr, E> {
+    SocketAddr::from_str(text).map_err(|_| {
+        invalid(
+            "an IP:port address like 0.0.0.0:8080",
+            format_args!("{text:?}"),
+        )
+    })
+}
+
+/// `listen`: one address or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for ListenAddrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ListenAddrs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address like 0.0.0.0:8080, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenAddrs, E> {
+                Ok(ListenAddrs(vec![parse_listen(v)?]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListenAddrs, A::Error> {
+                let mut addrs = Vec::new();
+                while let Some(text) = seq.next_element::<String>()? {
+                    addrs.push(parse_listen(&text)?);
+                }
+                if addrs.is_empty() {
+                    return Err(invalid("at least one address", "an empty list"));
+                }
+                Ok(ListenAddrs(addrs))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `workers.command`: an argv list run as is, or a string run through `sh -c`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandSpec {
+    Argv(Vec<String>),
+    Shell(String),
+}
+
+impl CommandSpec {
+    /// The argv lb executes.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            CommandSpec::Argv(argv) => argv.clone(),
+            CommandSpec::Shell(line) => vec!["sh".into(), "-c".into(), line.clone()],
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CommandSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CommandSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of arguments, or a string run through sh -c")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CommandSpec, E> {
+                if v.trim().is_empty() {
+                    return Err(invalid("a command", "an empty string"));
+                }
+                Ok(CommandSpec::Shell(v.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CommandSpec, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<ScalarText>()? {
+                    argv.push(arg.0);
+                }
+                if argv.first().is_none_or(|program| program.is_empty()) {
+                    return Err(invalid("a program and its arguments", "an empty command"));
+                }
+                Ok(CommandSpec::Argv(argv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Any YAML scalar as the text a person wrote, so `env: {PORT_OFFSET: 3}` works and
+/// numeric values are checked by our code with our messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalarText(pub String);
+
+impl<'de> Deserialize<'de> for ScalarText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ScalarText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a scalar value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `stop_signal`: a signal name, with or without the `SIG` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalName(pub Signal);
+
+impl<'de> Deserialize<'de> for SignalName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const WHAT: &str = "a signal name like SIGTERM";
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let upper = text.0.to_ascii_uppercase();
+        let full = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        Signal::from_str(&full)
+            .map(SignalName)
+            .map_err(|_| invalid(WHAT, format_args!("{:?}", text.0)))
+    }
+}
+
+/// One static backend: `host:port`, or `{ address: host:port, weight: N }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// The address as written, used as its label in logs and metrics.
+    pub label: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// The highest weight: enough to express any realistic capacity ratio (HAProxy allows 256).
+pub const MAX_WEIGHT: u32 = 256;
+
+impl BackendSpec {
+    fn parse<E: de::Error>(label: String, weight: u32) -> Result<Self, E> {
+        let addr = label
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| {
+                invalid(
+                    "a reachable host:port like 10.0.0.5:8080",
+                    format_args!("{label:?}"),
+                )
+            })?;
+        Ok(BackendSpec {
+            label,
+            addr,
+            weight,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            address: String,
+            #[serde(default)]
+            weight: Option<Weight>,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BackendSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("host:port, or { address: host:port, weight: N }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendSpec, E> {
+                BackendSpec::parse(v.to_owned(), 1)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
+                let full = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                BackendSpec::parse(full.address, full.weight.map_or(1, |w| w.0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A backend weight from 1 to [`MAX_WEIGHT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Weight(u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let what = format!("an integer weight from 1 to {MAX_WEIGHT}");
+        let text = ScalarText::deserialize(d).map_err(|_| invalid(&what, "a non-scalar value"))?;
+        match text.0.parse::<u32>() {
+            Ok(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Weight(w)),
+            _ => Err(invalid(&what, text.0)),
+        }
+    }
+}
+
+/// `balance`: how a service picks a backend for each new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+impl<'de> Deserialize<'de> for Balance {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        choice(
+            &text.0,
+            &["round-robin"],
+            &["least-conn", "random-two", "source-hash"],
+        )?;
+        Ok(Balance::RoundRobin)
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round-robin",
+        })
+    }
+}
+
+/// A key whose behaviour lb does not have yet: refused, never silently ignored.
+#[derive(Debug)]
+pub struct NotSupportedYet;
+
+impl<'de> Deserialize<'de> for NotSupportedYet {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(de::Error::custom("not supported yet"))
+    }
+}
+
+/// An enum-like string setting of which only some values are built so far.
+pub fn choice<E: de::Error>(
+    text: &str,
+    supported: &[&'static str],
+    planned: &[&str],
+) -> Result<&'static str, E> {
+    if let Some(found) = supported.iter().find(|s| **s == text) {
+        return Ok(found);
+    }
+    if planned.contains(&text) {
+        return Err(E::custom(format_args!(
+            "{text:?} is not supported yet (supported: {})",
+            supported.join(", ")
+        )));
+    }
+    let all: Vec<&str> = supported
+        .iter()
+        .copied()
+        .chain(planned.iter().copied())
+        .collect();
+    Err(invalid(
+        &format!("one of {}", all.join(", ")),
+        format_args!("{text:?}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: for<'de> Deserialize<'de>>(yaml: &str) -> Result<T, String> {
+        serde_saphyr::from_str(yaml).map_err(|e| {
+            serde_saphyr::MessageFormatter::format_message(
+                &serde_saphyr::UserMessageFormatter,
+                e.without_snippet(),
+            )
+            .into_owned()
+        })
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(
+            parse::<DurationStr>("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse::<DurationStr>("1h").unwrap().0,
+            Duration::from_secs(3600)
+        );
+        let err = parse::<DurationStr>("soon").unwrap_err();
+        assert!(err.contains("expected a duration"), "{err}");
+    }
+
+    #[test]
+    fn count_is_auto_or_positive() {
+        assert_eq!(parse::<WorkerCount>("auto").unwrap(), WorkerCount::Auto);
+        assert_eq!(
+            parse::<WorkerCount>("3").unwrap(),
+            WorkerCount::Fixed(NonZeroUsize::new(3).unwrap())
+        );
+        let err = parse::<WorkerCount>("-2").unwrap_err();
+        assert_eq!(err, "expected a positive integer or \"auto\", found -2");
+        assert!(parse::<WorkerCount>("0").is_err());
+    }
+
+    #[test]
+    fn command_is_argv_or_shell() {
+        assert_eq!(
+            parse::<CommandSpec>("[node, app.js]").unwrap().argv(),
+            vec!["node", "app.js"]
+        );
+        assert_eq!(
+            parse::<CommandSpec>("node app.js").unwrap().argv(),
+            vec!["sh", "-c", "node app.js"]
+        );
+        assert!(parse::<CommandSpec>("[]").is_err());
+    }
+
+    #[test]
+    fn listen_is_one_or_many() {
+        assert_eq!(parse::<ListenAddrs>("127.0.0.1:80").unwrap().0.len(), 1);
+        assert_eq!(
+            parse::<ListenAddrs>("['127.0.0.1:80', '[::1]:81']")
+                .unwrap()
+                .0
+                .len(),
+            2
+        );
+        assert!(parse::<ListenAddrs>("localhost").is_err());
+    }
+
+    #[test]
+    fn backends_take_weights() {
+        let b = parse::<BackendSpec>("{ address: '127.0.0.1:9', weight: 3 }").unwrap();
+        assert_eq!((b.weight, b.label.as_str()), (3, "127.0.0.1:9"));
+        assert!(parse::<BackendSpec>("{ address: '127.0.0.1:9', weight: 0 }").is_err());
+        assert!(parse::<BackendSpec>("{ adress: '127.0.0.1:9' }").is_err());
+    }
+
+    #[test]
+    fn signals_with_or_without_prefix() {
+        assert_eq!(parse::<SignalName>("TERM").unwrap().0, Signal::SIGTERM);
+        assert_eq!(parse::<SignalName>("SIGQUIT").unwrap().0, Signal::SIGQUIT);
+        assert!(parse::<SignalName>("SIGNOPE").is_err());
+    }
+}

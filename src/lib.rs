@@ -1,0 +1,65 @@
+//! lb: a layer-4 (TCP) load balancer that also runs the app it balances.
+//!
+//! # Layout
+//!
+//! Data flows in this order:
+//!
+//! - [`config`]: the YAML file, validated into a typed [`config::Config`]
+//!   (`file:line:col` errors);
+//! - [`supervisor`]: the one task that owns worker processes and backends: spawns,
+//!   probes, reaps and restarts them, and runs the stop sequence;
+//! - [`snapshot`]: the immutable set of ready backends the supervisor publishes after
+//!   every change, swapped atomically;
+//! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
+//!   and copy bytes to the backend they pick.
+//!
+//! Beside them: [`signals`] turns Unix signals into supervisor events, [`logging`] sets up
+//! logs and forwards worker output, [`cli`] is the command line.
+//!
+//! # Theory of operation
+//!
+//! Only the supervisor changes state. Everything that happens (a child exits, a probe
+//! succeeds, a connect fails, a signal arrives, a timer fires) is an event in its inbox,
+//! handled one at a time; each handler returns at once and leaves waiting to timers that
+//! send further events. After each change that affects routing, the supervisor builds a
+//! new snapshot and stores it; a connection reads whichever snapshot is current when it
+//! is accepted.
+
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod proxy;
+pub mod signals;
+pub mod snapshot;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use config::Config;
+use proxy::Proxy;
+use snapshot::Snapshots;
+use supervisor::Supervisor;
+
+/// Runs lb until it is stopped by a signal; returns an error if it cannot start.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let bound = proxy::bind_all(&config.services)?;
+    let snapshots = Arc::new(Snapshots::default());
+    let (down_tx, down_rx) = mpsc::unbounded_channel();
+    let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
+    let (mut supervisor, inbox) = Supervisor::new(config, snapshots, proxy.clone(), down_rx)
+        .context("could not watch child processes")?;
+    signals::start(inbox).context("could not install signal handlers")?;
+    supervisor.start()?;
+    for b in &bound {
+        if let Ok(addr) = b.local_addr() {
+            info!(%addr, "listening");
+        }
+    }
+    proxy.serve(bound);
+    supervisor.run().await;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! One client connection: pick a backend, connect (retrying others), then copy.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Proxy, copy};
+use crate::snapshot::BackendId;
+
+/// Backends tried per connection: the first pick and up to two more.
+const CONNECT_ATTEMPTS: usize = 3;
+
+pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer: SocketAddr) {
+    // A client may wait up to the connect timeout for a ready backend (startup, or
+    // every worker restarting at once) rather than being closed at once.
+    let Some(budget) = proxy
+        .snapshots
+        .load()
+        .pools
+        .get(service)
+        .map(|p| p.timeouts.connect)
+    else {
+        return;
+    };
+    let Some(pool) = proxy
+        .snapshots
+        .ready_pool(service, Instant::now() + budget)
+        .await
+    else {
+        debug!(service, %peer, "no ready backend; closing client");
+        return;
+    };
+    let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
+    for attempt in 0..CONNECT_ATTEMPTS {
+        let Some(backend) = pool.pick(&tried[..attempt]) else {
+            break;
+        };
+        tried[attempt] = backend.id;
+        let connect = tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr));
+        let upstream = match connect.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                debug!(service, backend = %backend.label, %err, "connect failed");
+                report_down(proxy, backend.id, &backend.stats);
+                continue;
+            }
+            Err(_) => {
+                debug!(service, backend = %backend.label, "connect timed out");
+                report_down(proxy, backend.id, &backend.stats);
+                continue;
+            }
+        };
+        let _active = backend.stats.track();
+        // Small writes (a request line, a keystroke) go out at once, as on a direct connection.
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let idle = pool.timeouts.idle;
+        tokio::select! {
+            result = copy::bidirectional(client, upstream, idle) => match result {
+                Ok((up, down)) => debug!(service, backend = %backend.label, up, down, "connection closed"),
+                Err(err) => debug!(service, backend = %backend.label, %err, "connection ended"),
+            },
+            () = proxy.connections.cancelled() => debug!(service, backend = %backend.label, "connection closed by stop"),
+        }
+        return;
+    }
+    debug!(service, %peer, "every backend tried failed; closing client");
+}
+
+fn report_down(proxy: &Proxy, id: BackendId, stats: &crate::snapshot::BackendStats) {
+    if stats.mark_down() {
+        let _ = proxy.down.send(id);
+    }
+}

@@ -1,0 +1,41 @@
+//! Unix signals, mapped to supervisor events.
+//!
+//! | signal | sent by | lb does |
+//! | --- | --- | --- |
+//! | SIGTERM | Docker, Kubernetes, systemd stopping lb | graceful stop; a second one stops at once |
+//! | SIGINT | Ctrl-C in a terminal | the same as SIGTERM |
+//! | SIGHUP, SIGUSR2 | an operator (reload, rolling restart) | not built yet: logged and ignored, never fatal |
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::warn;
+
+use crate::supervisor::{Event, Inbox};
+
+/// Starts listening for signals; from now on none of them kills lb by default action.
+pub fn start(inbox: Inbox) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                Some(()) = term.recv() => Event::Stop { fast: false },
+                Some(()) = int.recv() => Event::Stop { fast: false },
+                Some(()) = hup.recv() => {
+                    warn!("SIGHUP: reloading the config is not built yet; ignored");
+                    continue;
+                }
+                Some(()) = usr2.recv() => {
+                    warn!("SIGUSR2: rolling restart is not built yet; ignored");
+                    continue;
+                }
+                else => return,
+            };
+            if inbox.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! TCP probes: a worker is ready once a connect to its port succeeds; a backend taken
+//! out of rotation comes back the same way.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Event;
+use crate::snapshot::BackendId;
+
+/// Tries `addr` every `interval` until a connect succeeds (sends `ok: true`), the
+/// `deadline` passes (sends `ok: false`) or `cancel` fires (sends nothing).
+pub(super) fn until_up(
+    id: BackendId,
+    addr: SocketAddr,
+    interval: Duration,
+    deadline: Option<Instant>,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    tokio::spawn(async move {
+        let probe = async {
+            loop {
+                let attempt = tokio::time::timeout(
+                    interval.max(Duration::from_millis(100)),
+                    TcpStream::connect(addr),
+                );
+                if let Ok(Ok(_)) = attempt.await {
+                    return true;
+                }
+                if deadline.is_some_and(|d| Instant::now() + interval >= d) {
+                    return false;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        };
+        tokio::select! {
+            ok = probe => { let _ = events.send(Event::Probe { id, ok }); }
+            () = cancel.cancelled() => {}
+        }
+    });
+}

@@ -1,0 +1,100 @@
+//! Starting one worker process: its argv and environment (contract §3), its own process
+//! group, death with lb, and its output forwarded line by line with a `[service/id]` prefix.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use super::sys;
+use crate::config::WorkersConfig;
+use crate::logging::{self, OutputStream};
+
+/// Where a worker must listen. Every worker binds its own port on loopback.
+pub(super) const WORKER_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// What lb tells a worker about itself.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Identity<'a> {
+    pub service: &'a str,
+    pub slot: usize,
+    pub port: u16,
+}
+
+impl Identity<'_> {
+    /// Replaces `${PORT}`, `${LB_WORKER_ID}` and `${LB_SERVICE}`, so off-the-shelf
+    /// servers that take their port as an argument work unchanged.
+    fn substitute(&self, text: &str) -> String {
+        text.replace("${PORT}", &self.port.to_string())
+            .replace("${LB_WORKER_ID}", &self.slot.to_string())
+            .replace("${LB_SERVICE}", self.service)
+    }
+}
+
+/// Starts a worker and returns its pid, which is also its process group id.
+pub(super) fn spawn(id: Identity<'_>, cfg: &WorkersConfig, label: &str) -> io::Result<Pid> {
+    let argv: Vec<String> = cfg
+        .command
+        .argv()
+        .iter()
+        .map(|a| id.substitute(a))
+        .collect();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(&cfg.cwd)
+        // Inherited from a Node parent, it turns the worker into a cluster worker whose
+        // listen() never completes.
+        .env_remove("NODE_UNIQUE_ID")
+        .envs(cfg.env.iter().map(|(k, v)| (k, id.substitute(v))))
+        .env("PORT", id.port.to_string())
+        .env("HOST", WORKER_HOST.to_string())
+        .env("LB_WORKER_ID", id.slot.to_string())
+        .env("NODE_APP_INSTANCE", id.slot.to_string())
+        .env("LB_SERVICE", id.service)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group: a stop or a crash cleans up the worker's children with it.
+        .process_group(0);
+    sys::die_with_lb(&mut cmd);
+    let mut child = {
+        let _no_reaping = sys::spawn_lock();
+        cmd.spawn().map_err(|err| {
+            io::Error::new(err.kind(), format!("could not run {:?}: {err}", argv[0]))
+        })?
+    };
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+    if let Some(out) = child.stdout.take() {
+        logging::forward_output(label.into(), OutputStream::Stdout, out.into());
+    }
+    if let Some(err) = child.stderr.take() {
+        logging::forward_output(label.into(), OutputStream::Stderr, err.into());
+    }
+    // The reaper collects the exit status; dropping a std Child neither waits nor kills.
+    drop(child);
+    Ok(pid)
+}
+
+/// Signals the worker's whole process group.
+pub(super) fn signal_group(pid: Pid, signal: Signal) {
+    // ESRCH: the group is already gone, which is what we wanted.
+    let _ = killpg(pid, signal);
+}
+
+/// A free port on loopback for a new worker, not one a live worker of ours holds.
+pub(super) fn free_port(in_use: &HashSet<u16>) -> io::Result<u16> {
+    for _ in 0..64 {
+        let port = TcpListener::bind((WORKER_HOST, 0))?.local_addr()?.port();
+        if !in_use.contains(&port) {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free port on 127.0.0.1",
+    ))
+}
