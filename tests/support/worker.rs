@@ -1,1 +1,84 @@
-fn main() {}
+//! A test worker for lb's integration tests: a TCP echo server on `HOST:PORT` whose
+//! behaviour is set by environment variables.
+//!
+//! - `HELLO=1`: on each connection, first send one line
+//!   `id=<LB_WORKER_ID> pid=<pid> port=<PORT> host=<HOST> service=<LB_SERVICE>`.
+//! - `REPLY_DELAY_MS=N`: wait N ms before echoing each chunk (an exchange in flight).
+//! - `EXIT_AFTER=N`: exit with code 3 once N connections have been accepted.
+//! - `START_DELAY_MS=N`: wait N ms before listening (a slow start).
+//! - `IGNORE_SIGTERM=1`: keep running on SIGTERM (a worker that must be killed).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn env_num(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    if std::env::var("IGNORE_SIGTERM").is_ok() {
+        block_sigterm().expect("block SIGTERM");
+    }
+    std::thread::sleep(Duration::from_millis(env_num("START_DELAY_MS")));
+    let host = std::env::var("HOST").expect("lb sets HOST");
+    let port = std::env::var("PORT").expect("lb sets PORT");
+    let listener = TcpListener::bind(format!("{host}:{port}")).expect("bind HOST:PORT");
+    let hello = std::env::var("HELLO").is_ok().then(|| {
+        format!(
+            "id={} pid={} port={port} host={host} service={}\n",
+            std::env::var("LB_WORKER_ID").unwrap_or_default(),
+            std::process::id(),
+            std::env::var("LB_SERVICE").unwrap_or_default(),
+        )
+    });
+    println!("listening on {host}:{port}");
+    let exit_after = env_num("EXIT_AFTER") as usize;
+    let delay = Duration::from_millis(env_num("REPLY_DELAY_MS"));
+    static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        println!("accepted a connection");
+        let hello = hello.clone();
+        std::thread::spawn(move || serve(stream, hello.as_deref(), delay));
+        if exit_after > 0 && ACCEPTED.fetch_add(1, Ordering::SeqCst) + 1 >= exit_after {
+            eprintln!("exiting after {exit_after} connections");
+            std::process::exit(3);
+        }
+    }
+}
+
+/// Echoes until the client half-closes, then half-closes back.
+fn serve(mut stream: TcpStream, hello: Option<&str>, delay: Duration) {
+    if let Some(hello) = hello
+        && stream.write_all(hello.as_bytes()).is_err()
+    {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                std::thread::sleep(delay);
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A blocked signal stays pending forever: as good as ignoring it, without an unsafe
+/// handler. Called before any thread starts, so every thread inherits the mask.
+fn block_sigterm() -> nix::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+}

@@ -1,0 +1,240 @@
+//! The integration-test harness: starts the real `lb` binary on a config written to a
+//! temp dir, reads its log, and cleans up every process it started.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// Long enough for a loaded 2-core CI machine; a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub const LB: &str = env!("CARGO_BIN_EXE_lb");
+pub const WORKER: &str = env!("CARGO_BIN_EXE_lb-test-worker");
+
+/// Polls `done` every 20 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago, for configs that must name their listen port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind :0")
+}
+
+/// The value of `key=value` in a log line, without quotes.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A running lb and the temp dir holding its config and log.
+pub struct Lb {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub listen: SocketAddr,
+}
+
+impl Lb {
+    /// Writes `config` to `lb.yaml` in a temp dir and starts lb on it. In `config`,
+    /// `{listen}` becomes a free 127.0.0.1 address and `{worker}` the test worker binary.
+    pub fn start(config: &str) -> Lb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let text = config
+            .replace("{listen}", &listen.to_string())
+            .replace("{worker}", WORKER);
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, text).expect("write config");
+        Lb::start_at(dir, &path, listen)
+    }
+
+    /// Starts lb on a config already written inside `dir`.
+    pub fn start_at(dir: tempfile::TempDir, config: &Path, listen: SocketAddr) -> Lb {
+        Lb::spawn(dir, listen, Command::new(LB).arg("--config").arg(config))
+    }
+
+    /// Starts `command` (lb itself, or a wrapper such as `unshare` around it).
+    pub fn spawn(dir: tempfile::TempDir, listen: SocketAddr, command: &mut Command) -> Lb {
+        let log = dir.path().join("lb.log");
+        let out = File::create(&log).expect("create log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start lb");
+        Lb {
+            child: Some(child),
+            dir,
+            log,
+            listen,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("lb running").id() as i32)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn lines(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `n` workers in all have logged ready.
+    pub fn wait_ready(&self, n: usize) {
+        wait_until(
+            &format!("{n} workers ready\n{}", self.log()),
+            DEADLINE,
+            || self.lines("worker ready").len() >= n,
+        );
+    }
+
+    /// Waits until the log has a line containing `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        wait_until(&format!("log line {needle:?}"), DEADLINE, || {
+            !self.lines(needle).is_empty()
+        });
+    }
+
+    /// `(slot, pid)` of every worker process lb has started, oldest first.
+    pub fn started_workers(&self) -> Vec<(usize, i32)> {
+        self.lines("worker started")
+            .iter()
+            .filter_map(|l| {
+                Some((
+                    field(l, "worker")?.parse().ok()?,
+                    field(l, "pid")?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The pid of the newest process in `slot`.
+    pub fn worker_pid(&self, slot: usize) -> i32 {
+        self.started_workers()
+            .into_iter()
+            .rev()
+            .find(|(s, _)| *s == slot)
+            .expect("slot started")
+            .1
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal lb");
+    }
+
+    /// Waits for lb to exit and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("lb running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait lb") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "lb did not exit\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lb {
+    /// Kills lb and every worker it started, even when the test failed half way.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for (_, pid) in self.started_workers() {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A client connection with timeouts, so a broken proxy fails a test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect to lb");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(15)))
+        .expect("write timeout");
+    stream
+}
+
+/// Connects and returns the first line a `HELLO=1` worker sends.
+pub fn hello(addr: SocketAddr) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before hello",
+        ));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+/// Sends `data` and reads back everything until the other side closes.
+pub fn echo(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut stream = connect(addr);
+    let mut writer = stream.try_clone().expect("clone stream");
+    let data = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&data).expect("send");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).expect("receive");
+    sender.join().expect("sender thread");
+    received
+}

@@ -1,0 +1,113 @@
+//! Connections through lb reach its workers: balanced, byte-exact, half-close aware.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+
+use common::{Lb, connect, echo, field, hello};
+
+const THREE_HELLO_WORKERS: &str = r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 3
+      env: { HELLO: "1" }
+"#;
+
+#[test]
+fn thirty_connections_land_ten_on_each_of_three_workers_with_their_env() {
+    let lb = Lb::start(THREE_HELLO_WORKERS);
+    lb.wait_ready(3);
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let line = hello(lb.listen).expect("hello through lb");
+        assert_eq!(
+            field(&format!(" {line}"), "host"),
+            Some("127.0.0.1"),
+            "{line}"
+        );
+        assert_eq!(field(&format!(" {line}"), "service"), Some("web"), "{line}");
+        let id = field(&format!(" {line}"), "id").expect("id").to_owned();
+        *per_worker.entry(id).or_default() += 1;
+    }
+    let expected: HashMap<String, usize> = (0..3).map(|i| (i.to_string(), 10)).collect();
+    assert_eq!(per_worker, expected);
+    // Each worker's PORT is the one lb chose for it and logged.
+    for (slot, pid) in lb.started_workers() {
+        let started = lb
+            .lines("worker started")
+            .into_iter()
+            .find(|l| field(l, "pid") == Some(&pid.to_string()));
+        let port = field(&started.expect("start line"), "port")
+            .expect("port")
+            .to_owned();
+        let env = std::fs::read_to_string(format!("/proc/{pid}/environ")).expect("worker environ");
+        let vars: Vec<&str> = env.split('\0').collect();
+        assert!(
+            vars.contains(&format!("PORT={port}").as_str()),
+            "slot {slot}: {vars:?}"
+        );
+        assert!(vars.contains(&format!("LB_WORKER_ID={slot}").as_str()));
+        assert!(vars.contains(&format!("NODE_APP_INSTANCE={slot}").as_str()));
+        assert!(vars.contains(&"LB_SERVICE=web"));
+        assert!(vars.contains(&"HOST=127.0.0.1"));
+    }
+}
+
+/// xorshift: reproducible pseudo-random bytes without a crate.
+fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+const ONE_ECHO_WORKER: &str = r#"
+services:
+  - name: echo
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+"#;
+
+#[test]
+fn ten_megabytes_echo_back_byte_exact() {
+    let lb = Lb::start(ONE_ECHO_WORKER);
+    lb.wait_ready(2);
+    let sent = random_bytes(10 * 1024 * 1024, 0x5eed);
+    let received = echo(lb.listen, &sent);
+    assert_eq!(received.len(), sent.len());
+    assert_eq!(fnv1a(&received), fnv1a(&sent));
+    assert!(received == sent, "same length and hash but different bytes");
+}
+
+#[test]
+fn half_closed_client_still_receives_the_reply() {
+    let lb = Lb::start(ONE_ECHO_WORKER);
+    lb.wait_ready(2);
+    let mut stream = connect(lb.listen);
+    stream
+        .write_all(b"request after which the client stops sending")
+        .expect("send");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .expect("reply after half-close");
+    assert_eq!(reply, b"request after which the client stops sending");
+}

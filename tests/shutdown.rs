@@ -1,0 +1,67 @@
+//! Stopping lb: graceful on SIGTERM, and no worker outlives lb even after `kill -9`.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::{DEADLINE, Lb, alive, connect, wait_until};
+use nix::sys::signal::Signal;
+
+#[test]
+fn sigterm_lets_an_exchange_in_flight_finish_then_exits_zero_with_no_worker_left() {
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: slow
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+      env: { REPLY_DELAY_MS: "1500" }
+      drain_timeout: 20s
+"#,
+    );
+    lb.wait_ready(2);
+    let mut client = connect(lb.listen);
+    client.write_all(b"in flight").expect("send");
+    // Stop lb only once the request is at a worker, so it is truly in flight.
+    lb.wait_log("] accepted a connection");
+    lb.signal(Signal::SIGTERM);
+    lb.wait_log("stopping: listeners closed");
+    let mut reply = [0u8; 9];
+    client.read_exact(&mut reply).expect("reply after SIGTERM");
+    assert_eq!(&reply, b"in flight");
+    drop(client);
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", lb.log());
+    for (_, pid) in lb.started_workers() {
+        assert!(!alive(pid), "worker {pid} outlived lb");
+    }
+    assert!(
+        lb.log().contains("all connections finished"),
+        "{}",
+        lb.log()
+    );
+}
+
+#[test]
+fn kill_9_of_lb_leaves_no_worker_behind() {
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+"#,
+    );
+    lb.wait_ready(2);
+    let workers = lb.started_workers();
+    assert_eq!(workers.len(), 2);
+    lb.signal(Signal::SIGKILL);
+    lb.wait_exit();
+    wait_until("workers to die with lb", DEADLINE, || {
+        workers.iter().all(|(_, pid)| !alive(*pid))
+    });
+}

@@ -1,0 +1,112 @@
+//! lb keeps its workers alive: crashed ones come back in their slot, crash loops back off.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Lb, alive, hello, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[test]
+fn killed_worker_returns_in_its_slot_and_others_serve_meanwhile() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 3
+      env: { HELLO: "1" }
+      restart_backoff: { initial: 500ms, max: 1s }
+"#,
+    );
+    lb.wait_ready(3);
+    let victim = lb.worker_pid(1);
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill worker 1");
+    // Connections made while slot 1 is down all succeed, on the other workers.
+    for _ in 0..20 {
+        let line = hello(lb.listen).expect("connection while a worker is down");
+        assert!(line.contains("pid="), "{line}");
+    }
+    wait_until("worker 1 restarted and ready", DEADLINE, || {
+        lb.lines("worker ready").len() >= 4
+    });
+    let replacement = lb.worker_pid(1);
+    assert_ne!(replacement, victim);
+    assert!(alive(replacement));
+    assert!(!alive(victim));
+    let exited = lb.lines("worker exited");
+    assert_eq!(exited.len(), 1, "{exited:?}");
+    assert!(
+        exited[0].contains("worker=1") && exited[0].contains("signal SIGKILL"),
+        "{exited:?}"
+    );
+    // The restarted worker takes connections again.
+    let seen: Vec<String> = (0..6).map(|_| hello(lb.listen).expect("hello")).collect();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&format!("pid={replacement}"))),
+        "{seen:?}"
+    );
+}
+
+/// CPU seconds (user + system) lb has used so far.
+fn cpu_seconds(pid: Pid) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("lb stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("stat fields")
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 0, utime field 11, stime field 12.
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+#[test]
+fn crash_looping_worker_restarts_with_backoff_and_lb_stays_idle() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: crashy
+    listen: {listen}
+    workers:
+      command: "exit 1"
+      count: 1
+      restart_backoff: { initial: 100ms, max: 30s }
+"#,
+    );
+    lb.wait_log("worker exited");
+    let first = Instant::now();
+    let cpu_before = cpu_seconds(lb.pid());
+    // Delays of 0.1, 0.2, 0.4 and 0.8 s: five exits take at least 1.5 s. Without backoff
+    // they would take milliseconds.
+    wait_until("five exits", DEADLINE, || {
+        lb.lines("worker exited").len() >= 5
+    });
+    let window = first.elapsed();
+    assert!(
+        window >= Duration::from_millis(1500),
+        "five exits in {window:?}:\n{}",
+        lb.log()
+    );
+    let delays: Vec<String> = lb
+        .lines("worker exited")
+        .iter()
+        .filter_map(|l| common::field(l, "restart_in").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        delays[..5],
+        ["100ms", "200ms", "400ms", "800ms", "1.6s"],
+        "{delays:?}"
+    );
+    let cpu = cpu_seconds(lb.pid()) - cpu_before;
+    assert!(
+        cpu < 0.3,
+        "lb used {cpu}s of CPU in {window:?} of crash loop"
+    );
+}
