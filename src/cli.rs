@@ -29,4 +29,7 @@ pub enum Command {
         /// The config file (instead of --config).
         file: Option<PathBuf>,
     },
+    /// Internal: the helper lb starts to kill its workers if lb itself is killed.
+    #[command(hide = true)]
+    Watchdog,
 }

@@ -11,6 +11,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { file }) => check(file.as_deref().unwrap_or(&cli.config)),
+        Some(Command::Watchdog) => match lb::supervisor::serve_watchdog() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        },
         None => run(&cli),
     }
 }

@@ -65,3 +65,32 @@ services:
         workers.iter().all(|(_, pid)| !alive(*pid))
     });
 }
+
+#[test]
+fn kill_9_of_lb_also_kills_what_a_shell_worker_started() {
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      # The shell stays as the worker's first process; the server is its child.
+      command: "{worker} & wait"
+      count: 1
+      env: { HELLO: "1" }
+"#,
+    );
+    lb.wait_ready(1);
+    let line = common::hello(lb.listen).expect("hello from the grandchild");
+    let server: i32 = common::field(&format!(" {line}"), "pid")
+        .expect("pid")
+        .parse()
+        .expect("pid number");
+    let shell = lb.worker_pid(0);
+    assert_ne!(server, shell, "the server should be the shell's child");
+    lb.signal(Signal::SIGKILL);
+    lb.wait_exit();
+    wait_until("the shell and its child to die with lb", DEADLINE, || {
+        !alive(shell) && !alive(server)
+    });
+}

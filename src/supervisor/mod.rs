@@ -10,6 +10,7 @@ mod reap;
 mod service;
 mod state;
 mod sys;
+mod watchdog;
 mod worker;
 
 use std::collections::HashSet;
@@ -27,11 +28,13 @@ use tracing::{debug, info, warn};
 
 pub use reap::ExitStatus;
 pub use state::WorkerState;
+pub use watchdog::serve as serve_watchdog;
 
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::snapshot::{BackendId, Snapshot, Snapshots};
 use service::{ServiceState, Worker};
+use watchdog::Watchdog;
 
 /// How often a starting worker's port is tried.
 const READY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -87,10 +90,12 @@ pub struct Supervisor {
     down: mpsc::UnboundedReceiver<BackendId>,
     next_id: BackendId,
     phase: Phase,
+    watchdog: Watchdog,
 }
 
 impl Supervisor {
-    /// Creates the supervisor and starts reaping children; no worker runs yet.
+    /// Creates the supervisor, starts reaping children and starts the watchdog; no
+    /// worker runs yet.
     pub fn new(
         config: Config,
         snapshots: Arc<Snapshots>,
@@ -99,6 +104,7 @@ impl Supervisor {
     ) -> std::io::Result<(Self, Inbox)> {
         let (tx, events) = mpsc::unbounded_channel();
         reap::start(tx.clone())?;
+        let watchdog = Watchdog::start()?;
         let mut next_id = 0;
         let mut ids = || {
             next_id += 1;
@@ -118,6 +124,7 @@ impl Supervisor {
             down,
             next_id,
             phase: Phase::Running,
+            watchdog,
         };
         Ok((sup, tx))
     }
@@ -182,6 +189,7 @@ impl Supervisor {
             port,
         };
         let pid = worker::spawn(identity, cfg, &backend.label)?;
+        self.watchdog.started(pid);
         info!(service = %svc.config.name, worker = slot, %pid, port, "worker started");
         let probe = CancellationToken::new();
         let deadline = Instant::now() + cfg.ready_timeout;
@@ -222,6 +230,7 @@ impl Supervisor {
         worker.probe.cancel();
         // The worker's own children die with it.
         worker::signal_group(pid, Signal::SIGKILL);
+        self.watchdog.reaped(pid);
         let uptime = worker.started.elapsed();
         if self.phase != Phase::Running {
             svc.slots[slot].idle_state = WorkerState::Stopped;
