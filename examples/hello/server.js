@@ -7,7 +7,7 @@ const id = process.env.LB_WORKER_ID;
 
 http
   .createServer((req, res) => {
-    res.end(`hello from worker ${id} (pid ${process.pid})\n`);
+    res.end(`${process.env.GREETING || "hello"} from worker ${id} (pid ${process.pid})\n`);
   })
   .listen(port, host, () => {
     console.log(`listening on ${host}:${port}`);

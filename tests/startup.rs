@@ -1,0 +1,100 @@
+//! Starting lb: the shipped example serves, and what prevents a start is one clear line.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+
+use common::{Lb, connect, free_port};
+
+fn last_line(lb: &Lb) -> String {
+    lb.log().lines().last().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn listen_address_in_use_is_a_clear_startup_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let config = r#"
+services:
+  - name: web
+    listen: ADDR
+    workers:
+      command: ["{worker}"]
+      count: 1
+"#
+    .replace("ADDR", &addr.to_string());
+    let mut lb = Lb::start(&config);
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    let line = last_line(&lb);
+    assert!(
+        line.starts_with(&format!("lb: service web: could not listen on {addr}: ")),
+        "{line}"
+    );
+    assert!(line.contains("in use"), "{line}");
+    assert!(
+        lb.lines("worker started").is_empty(),
+        "no worker starts when a listener fails"
+    );
+}
+
+#[test]
+fn missing_command_is_a_clear_startup_error() {
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["/nonexistent/app", "--port", "${PORT}"]
+      count: 2
+"#,
+    );
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    let line = last_line(&lb);
+    assert!(
+        line.starts_with("lb: starting worker web/0: could not run \"/nonexistent/app\": "),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_shipped_example_config_serves() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let example =
+        std::fs::read_to_string(format!("{repo}/config.example.yaml")).expect("example config");
+    assert!(
+        example.contains("listen: 127.0.0.1:8080"),
+        "the README promises port 8080"
+    );
+    // The same file, on a free port and run from a temp dir with the repo as its cwd.
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let text = example
+        .replace("listen: 127.0.0.1:8080", &format!("listen: {listen}"))
+        .replace("cwd: .", &format!("cwd: {repo}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("lb.yaml");
+    std::fs::write(&path, text).expect("write config");
+    let lb = Lb::start_at(dir, &path, listen);
+    lb.wait_ready(3);
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect(listen);
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: example\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        bodies.push(response.lines().last().unwrap_or_default().to_owned());
+    }
+    bodies.sort();
+    let expected: Vec<String> = (0..3).map(|i| format!("hello from worker {i}")).collect();
+    let got: Vec<String> = bodies
+        .iter()
+        .map(|b| b.split(" (pid").next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(got, expected, "{bodies:?}");
+}
