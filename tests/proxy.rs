@@ -111,3 +111,109 @@ fn half_closed_client_still_receives_the_reply() {
         .expect("reply after half-close");
     assert_eq!(reply, b"request after which the client stops sending");
 }
+
+#[test]
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: echo
+    listen: {listen}
+    timeouts: { idle: 300ms }
+    workers:
+      command: ["{worker}"]
+      count: 1
+"#,
+    );
+    lb.wait_ready(1);
+    let mut stream = connect(lb.listen);
+    stream.write_all(b"ping").expect("send");
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply).expect("echo");
+    let quiet = std::time::Instant::now();
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("lb closes the idle connection");
+    let waited = quiet.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        waited >= std::time::Duration::from_millis(250),
+        "closed after {waited:?}, before the idle timeout"
+    );
+}
+
+#[test]
+fn failed_connect_is_retried_on_another_backend_which_then_takes_all_traffic() {
+    // One static backend where nothing listens, one that answers.
+    let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let live_addr = live.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in live.incoming().flatten() {
+            let _ = (&stream).write_all(b"live\n");
+        }
+    });
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let lb = Lb::start(&format!(
+        r#"
+services:
+  - name: mixed
+    listen: {{listen}}
+    backends: ["{dead}", "{live_addr}"]
+"#
+    ));
+    lb.wait_log("listening");
+    for i in 0..10 {
+        let line =
+            hello(lb.listen).unwrap_or_else(|e| panic!("connection {i} failed: {e}\n{}", lb.log()));
+        assert_eq!(line, "live");
+    }
+    let down = lb.lines("backend refused a connection");
+    assert_eq!(
+        down.len(),
+        1,
+        "reported once, then out of rotation: {down:?}"
+    );
+    assert!(down[0].contains(&dead), "{down:?}");
+}
+
+#[test]
+fn past_max_connections_a_client_waits_until_a_slot_frees() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    max_connections: 1
+    workers:
+      command: ["{worker}"]
+      count: 1
+      env: { HELLO: "1" }
+"#,
+    );
+    lb.wait_ready(1);
+    let first = connect(lb.listen);
+    let mut first_reader = std::io::BufReader::new(first.try_clone().expect("clone"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut first_reader, &mut line).expect("first hello");
+    // The second client is queued, not served, while the first holds the only slot.
+    let second = connect(lb.listen);
+    second
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let early = (&second).read(&mut byte);
+    assert!(
+        early.is_err(),
+        "second client served past max_connections: {early:?}"
+    );
+    drop(first_reader);
+    drop(first);
+    second
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .expect("timeout");
+    let mut reader = std::io::BufReader::new(second);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).expect("second hello after the first left");
+    assert!(line.starts_with("id=0"), "{line}");
+}
