@@ -94,3 +94,49 @@ services:
         !alive(shell) && !alive(server)
     });
 }
+
+#[test]
+fn second_sigterm_stops_at_once_even_with_connections_and_stubborn_workers() {
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+      env: { IGNORE_SIGTERM: "1" }
+      drain_timeout: 60s
+      stop_timeout: 60s
+"#,
+    );
+    lb.wait_ready(2);
+    // An idle connection that would hold the drain for a minute.
+    let mut client = connect(lb.listen);
+    client.write_all(b"x").expect("send");
+    let mut echo = [0u8; 1];
+    client.read_exact(&mut echo).expect("echo");
+    let started = std::time::Instant::now();
+    lb.signal(Signal::SIGTERM);
+    lb.wait_log("stopping: listeners closed");
+    lb.signal(Signal::SIGTERM);
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", lb.log());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        client
+            .read_to_end(&mut rest)
+            .map(|_| rest.len())
+            .unwrap_or(0),
+        0,
+        "connection closed"
+    );
+    for (_, pid) in lb.started_workers() {
+        assert!(!alive(pid), "worker {pid} outlived lb");
+    }
+}

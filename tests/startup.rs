@@ -98,3 +98,36 @@ fn the_shipped_example_config_serves() {
         .collect();
     assert_eq!(got, expected, "{bodies:?}");
 }
+
+#[test]
+fn json_log_format_writes_one_object_per_line_including_worker_output() {
+    let lb = Lb::start_with(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 1
+"#,
+        &["--log-format", "json"],
+    );
+    lb.wait_ready(1);
+    lb.wait_log("listening on 127.0.0.1");
+    let log = lb.log();
+    for line in log.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON object: {line}"
+        );
+    }
+    let ready = lb.lines("\"message\":\"worker ready\"");
+    assert_eq!(ready.len(), 1, "{log}");
+    assert!(ready[0].contains("\"service\":\"web\""), "{}", ready[0]);
+    let output = lb.lines("listening on 127.0.0.1");
+    assert!(
+        output[0].contains("\"worker\":\"web/0\"") && output[0].contains("\"stream\":\"stdout\""),
+        "{}",
+        output[0]
+    );
+}

@@ -70,6 +70,11 @@ impl Lb {
     /// Writes `config` to `lb.yaml` in a temp dir and starts lb on it. In `config`,
     /// `{listen}` becomes a free 127.0.0.1 address and `{worker}` the test worker binary.
     pub fn start(config: &str) -> Lb {
+        Lb::start_with(config, &[])
+    }
+
+    /// As [`Lb::start`], with more command-line arguments for lb.
+    pub fn start_with(config: &str, args: &[&str]) -> Lb {
         let dir = tempfile::tempdir().expect("temp dir");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let text = config
@@ -77,7 +82,11 @@ impl Lb {
             .replace("{worker}", WORKER);
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, text).expect("write config");
-        Lb::start_at(dir, &path, listen)
+        Lb::spawn(
+            dir,
+            listen,
+            Command::new(LB).args(args).arg("--config").arg(&path),
+        )
     }
 
     /// Starts lb on a config already written inside `dir`.
