@@ -160,23 +160,23 @@ impl Snapshots {
         self.changed.notify_waiters();
     }
 
-    /// The pool of `service` once it has a ready backend, or `None` if none appears
-    /// before `deadline` (startup, or every worker restarting at once).
-    pub async fn ready_pool(
-        &self,
-        service: &str,
-        deadline: tokio::time::Instant,
-    ) -> Option<Arc<Pool>> {
+    /// The pool of `service` once it has a ready backend. A client may wait up to the
+    /// service's connect timeout for one (at startup, or while every worker restarts)
+    /// instead of being closed at once; `None` if none appears by then, or the service
+    /// is gone.
+    pub async fn ready_pool(&self, service: &str) -> Option<Arc<Pool>> {
+        let mut deadline = None;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(pool) = self.load().pools.get(service).filter(|p| !p.is_empty()) {
-                return Some(Arc::clone(pool));
+            let pool = Arc::clone(self.load().pools.get(service)?);
+            if !pool.is_empty() {
+                return Some(pool);
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return None;
-            }
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + pool.timeouts.connect);
+            tokio::time::timeout_at(deadline, changed).await.ok()?;
         }
     }
 }

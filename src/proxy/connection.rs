@@ -1,9 +1,9 @@
 //! One client connection: pick a backend, connect (retrying others), then copy.
 
+use std::io;
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Proxy, copy};
@@ -13,22 +13,7 @@ use crate::snapshot::BackendId;
 const CONNECT_ATTEMPTS: usize = 3;
 
 pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer: SocketAddr) {
-    // A client may wait up to the connect timeout for a ready backend (startup, or
-    // every worker restarting at once) rather than being closed at once.
-    let Some(budget) = proxy
-        .snapshots
-        .load()
-        .pools
-        .get(service)
-        .map(|p| p.timeouts.connect)
-    else {
-        return;
-    };
-    let Some(pool) = proxy
-        .snapshots
-        .ready_pool(service, Instant::now() + budget)
-        .await
-    else {
+    let Some(pool) = proxy.snapshots.ready_pool(service).await else {
         debug!(service, %peer, "no ready backend; closing client");
         return;
     };
@@ -38,16 +23,12 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
             break;
         };
         tried[attempt] = backend.id;
-        let connect = tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr));
-        let upstream = match connect.await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
+        let connect =
+            tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr)).await;
+        let upstream = match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
+            Ok(stream) => stream,
+            Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
-                report_down(proxy, backend.id, &backend.stats);
-                continue;
-            }
-            Err(_) => {
-                debug!(service, backend = %backend.label, "connect timed out");
                 report_down(proxy, backend.id, &backend.stats);
                 continue;
             }

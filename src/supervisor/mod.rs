@@ -149,6 +149,7 @@ impl Supervisor {
             tokio::select! {
                 Some(event) = self.events.recv() => self.handle(event),
                 Some(id) = self.down.recv() => self.backend_down(id),
+                else => break,
             }
         }
         info!("stopped");
