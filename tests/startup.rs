@@ -131,3 +131,26 @@ services:
         output[0]
     );
 }
+
+#[test]
+fn a_bare_config_file_name_runs_workers_in_the_config_folder() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = format!(
+        "services:\n  - name: web\n    listen: {listen}\n    workers:\n      command: [\"{}\"]\n      count: 1\n",
+        common::WORKER
+    );
+    std::fs::write(dir.path().join("lb.yaml"), config).expect("write config");
+    let cwd = dir.path().to_path_buf();
+    let lb = Lb::spawn(
+        dir,
+        listen,
+        std::process::Command::new(common::LB)
+            .current_dir(&cwd)
+            .args(["--config", "lb.yaml"]),
+    );
+    lb.wait_ready(1);
+    let pid = lb.worker_pid(0);
+    let worker_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("worker cwd");
+    assert_eq!(worker_cwd, cwd.canonicalize().expect("canonical temp dir"));
+}

@@ -26,7 +26,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every problem found in one file, reported together so a person fixes them in one pass.
+/// The problems found in one file. Cross-field problems are all reported together; a
+/// parse error (bad YAML, a wrong value) stops parsing at the first one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 

@@ -77,7 +77,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("could not read: {err}"),
         }])
     })?;
-    let base = path.parent().unwrap_or(Path::new("."));
+    // A bare `lb.yaml` has an empty parent, which as a working directory fails to spawn.
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     parse(&text, &file, base)
 }
 

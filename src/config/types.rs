@@ -9,10 +9,20 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
 
 /// Builds a visitor error with our message instead of serde's generic "invalid type".
 fn invalid<E: de::Error>(what: &str, found: impl fmt::Display) -> E {
     E::custom(format_args!("expected {what}, found {found}"))
+}
+
+/// A value as a person wrote it in an error: numbers bare (`found -2`), text quoted.
+fn shown(text: &str) -> String {
+    if text.parse::<f64>().is_ok() {
+        text.to_owned()
+    } else {
+        format!("{text:?}")
+    }
 }
 
 /// A duration written as `250ms`, `30s`, `5m` or `1h`.
@@ -25,7 +35,7 @@ impl<'de> Deserialize<'de> for DurationStr {
         let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
         humantime::parse_duration(&text.0)
             .map(DurationStr)
-            .map_err(|_| invalid(WHAT, format_args!("{:?}", text.0)))
+            .map_err(|_| invalid(WHAT, shown(&text.0)))
     }
 }
 
@@ -55,7 +65,7 @@ impl<'de> Deserialize<'de> for WorkerCount {
         }
         match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
             Some(n) => Ok(WorkerCount::Fixed(n)),
-            None => Err(invalid(WHAT, text.0)),
+            None => Err(invalid(WHAT, shown(&text.0))),
         }
     }
 }
@@ -70,7 +80,7 @@ impl<'de> Deserialize<'de> for Positive {
         let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
         match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
             Some(n) => Ok(Positive(n)),
-            None => Err(invalid(WHAT, text.0)),
+            None => Err(invalid(WHAT, shown(&text.0))),
         }
     }
 }
@@ -91,24 +101,43 @@ impl<'de> Deserialize<'de> for ServiceName {
         if ok {
             Ok(ServiceName(text.0))
         } else {
-            Err(invalid(WHAT, format_args!("{:?}", text.0)))
+            Err(invalid(WHAT, shown(&text.0)))
         }
     }
 }
 
+const LISTEN_WHAT: &str = "an IP:port address like 0.0.0.0:8080";
+
 /// A listen address: an IP and a port (`0.0.0.0:8080`, `[::]:8080`).
-fn parse_listen<E: de::Error>(text: &str) -> Result<SocketAddr, E> {
-    SocketAddr::from_str(text).map_err(|_| {
-        invalid(
-            "an IP:port address like 0.0.0.0:8080",
-            format_args!("{text:?}"),
-        )
-    })
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text =
+            ScalarText::deserialize(d).map_err(|_| invalid(LISTEN_WHAT, "a non-scalar value"))?;
+        SocketAddr::from_str(&text.0)
+            .map(ListenAddr)
+            .map_err(|_| invalid(LISTEN_WHAT, shown(&text.0)))
+    }
 }
 
-/// `listen`: one address or a list of them.
+/// `listen`: one address or a list of them; list items keep their position, so a
+/// clash between services points at the very item.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenAddrs(pub Vec<SocketAddr>);
+pub enum ListenAddrs {
+    One(SocketAddr),
+    Many(Vec<Spanned<ListenAddr>>),
+}
+
+impl ListenAddrs {
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            ListenAddrs::One(addr) => vec![*addr],
+            ListenAddrs::Many(items) => items.iter().map(|i| i.value.0).collect(),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for ListenAddrs {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -119,17 +148,24 @@ impl<'de> Deserialize<'de> for ListenAddrs {
                 f.write_str("an address like 0.0.0.0:8080, or a list of them")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenAddrs, E> {
-                Ok(ListenAddrs(vec![parse_listen(v)?]))
+                let addr = SocketAddr::from_str(v).map_err(|_| invalid(LISTEN_WHAT, shown(v)))?;
+                Ok(ListenAddrs::One(addr))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenAddrs, E> {
+                Err(invalid(LISTEN_WHAT, v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ListenAddrs, E> {
+                Err(invalid(LISTEN_WHAT, v))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListenAddrs, A::Error> {
-                let mut addrs = Vec::new();
-                while let Some(text) = seq.next_element::<String>()? {
-                    addrs.push(parse_listen(&text)?);
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
                 }
-                if addrs.is_empty() {
+                if items.is_empty() {
                     return Err(invalid("at least one address", "an empty list"));
                 }
-                Ok(ListenAddrs(addrs))
+                Ok(ListenAddrs::Many(items))
             }
         }
         d.deserialize_any(V)
@@ -160,6 +196,18 @@ impl<'de> Deserialize<'de> for CommandSpec {
             type Value = CommandSpec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a list of arguments, or a string run through sh -c")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CommandSpec, E> {
+                Err(invalid(
+                    "a list of arguments, or a string run through sh -c",
+                    v,
+                ))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CommandSpec, E> {
+                Err(invalid(
+                    "a list of arguments, or a string run through sh -c",
+                    v,
+                ))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<CommandSpec, E> {
                 if v.trim().is_empty() {
@@ -231,7 +279,7 @@ impl<'de> Deserialize<'de> for SignalName {
         };
         Signal::from_str(&full)
             .map(SignalName)
-            .map_err(|_| invalid(WHAT, format_args!("{:?}", text.0)))
+            .map_err(|_| invalid(WHAT, shown(&text.0)))
     }
 }
 
@@ -304,7 +352,7 @@ impl<'de> Deserialize<'de> for Weight {
         let text = ScalarText::deserialize(d).map_err(|_| invalid(&what, "a non-scalar value"))?;
         match text.0.parse::<u32>() {
             Ok(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Weight(w)),
-            _ => Err(invalid(&what, text.0)),
+            _ => Err(invalid(&what, shown(&text.0))),
         }
     }
 }
@@ -426,11 +474,14 @@ mod tests {
 
     #[test]
     fn listen_is_one_or_many() {
-        assert_eq!(parse::<ListenAddrs>("127.0.0.1:80").unwrap().0.len(), 1);
+        assert_eq!(
+            parse::<ListenAddrs>("127.0.0.1:80").unwrap().addrs().len(),
+            1
+        );
         assert_eq!(
             parse::<ListenAddrs>("['127.0.0.1:80', '[::1]:81']")
                 .unwrap()
-                .0
+                .addrs()
                 .len(),
             2
         );

@@ -2,15 +2,16 @@
 //! field path, then cross-field rules, each rule one function that reports every breach.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_path_to_error::Segment;
-use serde_saphyr::{Location, MessageFormatter, UserMessageFormatter};
+use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
-use super::raw::{RawConfig, RawService, RawWorkers};
-use super::types::Balance;
+use super::raw::{RawBackoff, RawConfig, RawService, RawWorkers};
+use super::types::{Balance, ListenAddrs};
 use super::{
     BackoffPolicy, Config, ConfigError, ConfigErrors, ServiceConfig, Timeouts, WorkersConfig,
 };
@@ -26,6 +27,17 @@ const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Parses the YAML into raw types; the first error carries its position and field path.
 pub(super) fn deserialize(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            position: None,
+            path: String::new(),
+            message: "the file is empty; expected a `services:` list".to_owned(),
+        });
+    }
     let mut path = String::new();
     serde_saphyr::with_deserializer_from_str(text, |de| {
         serde_path_to_error::deserialize(de).map_err(|err| {
@@ -39,9 +51,26 @@ pub(super) fn deserialize(text: &str, file: &str) -> Result<RawConfig, ConfigErr
             file: file.to_owned(),
             position: plain.location().and_then(position),
             path,
-            message: UserMessageFormatter.format_message(plain).into_owned(),
+            message: message(plain),
         }
     })
+}
+
+/// The parser's message, in the words of this file's format where the parser's own
+/// words are about YAML events rather than what the person wrote.
+fn message(err: &serde_saphyr::Error) -> String {
+    use serde_saphyr::Error;
+    match err {
+        Error::Unexpected {
+            expected: "sequence start",
+            ..
+        } => "expected a list (lines starting with `- `)".to_owned(),
+        Error::Unexpected {
+            expected: "mapping start",
+            ..
+        } => "expected `key: value` lines".to_owned(),
+        other => UserMessageFormatter.format_message(other).into_owned(),
+    }
 }
 
 /// `services[0].workers.count`, without the `value` hop that `Spanned` wrappers add.
@@ -114,14 +143,28 @@ fn unique_listeners(services: &[RawService], at: &At) -> Vec<ConfigError> {
     let mut seen = HashMap::new();
     let mut errors = Vec::new();
     for (i, svc) in services.iter().enumerate() {
-        for addr in &svc.listen.value.0 {
-            if let Some(owner) = seen.insert(*addr, &svc.name.value.0) {
+        let items: Vec<(SocketAddr, &Location, String)> = match &svc.listen.value {
+            ListenAddrs::One(addr) => vec![(
+                *addr,
+                &svc.listen.referenced,
+                format!("services[{i}].listen"),
+            )],
+            ListenAddrs::Many(items) => items
+                .iter()
+                .enumerate()
+                .map(|(j, item)| {
+                    (
+                        item.value.0,
+                        &item.referenced,
+                        format!("services[{i}].listen[{j}]"),
+                    )
+                })
+                .collect(),
+        };
+        for (addr, loc, path) in items {
+            if let Some(owner) = seen.insert(addr, &svc.name.value.0) {
                 let msg = format!("address {addr} is already used by service {owner:?}");
-                errors.push(at(
-                    &svc.listen.referenced,
-                    format!("services[{i}].listen"),
-                    msg,
-                ));
+                errors.push(at(loc, path, msg));
             }
         }
     }
@@ -148,7 +191,7 @@ fn service(raw: RawService, i: usize, base: &Path, at: &At) -> Result<ServiceCon
     };
     Ok(ServiceConfig {
         name: raw.name.value.0,
-        listen: raw.listen.value.0,
+        listen: raw.listen.value.addrs(),
         balance: raw.balance.unwrap_or(Balance::RoundRobin),
         max_connections: raw.max_connections.map_or(
             DEFAULT_MAX_CONNECTIONS
@@ -166,47 +209,15 @@ fn service(raw: RawService, i: usize, base: &Path, at: &At) -> Result<ServiceCon
 }
 
 fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersConfig, ConfigError> {
-    let cwd = match raw.cwd {
-        Some(cwd) => {
-            let dir = base.join(&cwd.value);
-            if !dir.is_dir() {
-                let msg = format!("{} is not a folder", dir.display());
-                return Err(at(
-                    &cwd.referenced,
-                    format!("services[{i}].workers.cwd"),
-                    msg,
-                ));
-            }
-            dir
-        }
-        None => base.to_path_buf(),
-    };
-    let restart_backoff = match raw.restart_backoff {
-        Some(b) => {
-            let initial = b.value.initial.map_or(DEFAULT_BACKOFF_INITIAL, |d| d.0);
-            let max = b.value.max.map_or(DEFAULT_BACKOFF_MAX, |d| d.0);
-            if initial.is_zero() || initial > max {
-                let msg = "expected 0 < initial <= max".to_owned();
-                return Err(at(
-                    &b.referenced,
-                    format!("services[{i}].workers.restart_backoff"),
-                    msg,
-                ));
-            }
-            BackoffPolicy { initial, max }
-        }
-        None => BackoffPolicy {
-            initial: DEFAULT_BACKOFF_INITIAL,
-            max: DEFAULT_BACKOFF_MAX,
-        },
-    };
+    let cwd = cwd(raw.cwd, i, base, at)?;
+    let restart_backoff = backoff(raw.restart_backoff, i, at)?;
     Ok(WorkersConfig {
         command: raw.command,
         count: raw
             .count
             .map_or(super::types::WorkerCount::Auto, |c| c)
             .resolve(),
-        cwd: std::path::absolute(&cwd).unwrap_or(cwd),
+        cwd,
         env: raw.env.into_iter().map(|(k, v)| (k, v.0)).collect(),
         ready_timeout: raw.ready_timeout.map_or(DEFAULT_READY_TIMEOUT, |d| d.0),
         drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
@@ -214,4 +225,59 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
         stop_timeout: raw.stop_timeout.map_or(DEFAULT_STOP_TIMEOUT, |d| d.0),
         restart_backoff,
     })
+}
+
+/// `cwd`, resolved against the config file's folder; it must be an existing folder.
+fn cwd(
+    raw: Option<Spanned<String>>,
+    i: usize,
+    base: &Path,
+    at: &At,
+) -> Result<PathBuf, ConfigError> {
+    let Some(cwd) = raw else {
+        return Ok(std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()));
+    };
+    let dir = base.join(&cwd.value);
+    let problem = match dir.canonicalize() {
+        Ok(dir) if dir.is_dir() => return Ok(dir),
+        Ok(_) => "is not a folder",
+        Err(_) => "does not exist",
+    };
+    let msg = format!("{} {problem}", cwd.value);
+    Err(at(
+        &cwd.referenced,
+        format!("services[{i}].workers.cwd"),
+        msg,
+    ))
+}
+
+fn backoff(
+    raw: Option<Spanned<RawBackoff>>,
+    i: usize,
+    at: &At,
+) -> Result<BackoffPolicy, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(BackoffPolicy {
+            initial: DEFAULT_BACKOFF_INITIAL,
+            max: DEFAULT_BACKOFF_MAX,
+        });
+    };
+    let initial = raw.value.initial.map_or(DEFAULT_BACKOFF_INITIAL, |d| d.0);
+    let max = raw.value.max.map_or(DEFAULT_BACKOFF_MAX, |d| d.0);
+    let msg = if initial.is_zero() {
+        "initial must be longer than 0s".to_owned()
+    } else if initial > max {
+        let (i, m) = (
+            humantime::format_duration(initial),
+            humantime::format_duration(max),
+        );
+        format!("initial ({i}) is longer than max ({m})")
+    } else {
+        return Ok(BackoffPolicy { initial, max });
+    };
+    Err(at(
+        &raw.referenced,
+        format!("services[{i}].workers.restart_backoff"),
+        msg,
+    ))
 }
