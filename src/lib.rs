@@ -33,33 +33,32 @@ pub mod signals;
 pub mod snapshot;
 pub mod supervisor;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
-use tracing::info;
 
 use config::Config;
 use proxy::Proxy;
 use snapshot::Snapshots;
 use supervisor::Supervisor;
 
-/// Runs lb until it is stopped by a signal; returns an error if it cannot start.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let bound = proxy::bind_all(&config.services)?;
+/// Runs lb on the config loaded from `config_path` until it is stopped by a signal;
+/// returns an error if it cannot start. The path is read again on reload.
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let mut bound = HashMap::new();
+    for svc in &config.services {
+        bound.insert(svc.name.clone(), proxy::bind(&svc.name, &svc.listen)?);
+    }
     let snapshots = Arc::new(Snapshots::default());
     let (down_tx, down_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
-    let (mut supervisor, inbox) = Supervisor::new(config, snapshots, proxy.clone(), down_rx)
+    let (mut supervisor, inbox) = Supervisor::new(config_path, &config, snapshots, proxy, down_rx)
         .context("could not watch child processes")?;
     signals::start(inbox).context("could not install signal handlers")?;
-    supervisor.start()?;
-    for b in &bound {
-        if let Ok(addr) = b.local_addr() {
-            info!(%addr, "listening");
-        }
-    }
-    proxy.serve(bound);
+    supervisor.start(bound)?;
     supervisor.run().await;
     Ok(())
 }

@@ -4,10 +4,10 @@
 //! | --- | --- | --- |
 //! | SIGTERM | Docker, Kubernetes, systemd stopping lb | graceful stop; a second one stops at once |
 //! | SIGINT | Ctrl-C in a terminal | the same as SIGTERM |
-//! | SIGHUP, SIGUSR2 | an operator (reload, rolling restart) | not built yet: logged and ignored, never fatal |
+//! | SIGHUP | an operator or a config tool, after editing the config | reload: apply the difference |
+//! | SIGUSR2 | a deploy script, after installing new code | rolling restart of every worker |
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::warn;
 
 use crate::supervisor::{Event, Inbox};
 
@@ -22,14 +22,8 @@ pub fn start(inbox: Inbox) -> std::io::Result<()> {
             let event = tokio::select! {
                 Some(()) = term.recv() => Event::Stop { fast: false },
                 Some(()) = int.recv() => Event::Stop { fast: false },
-                Some(()) = hup.recv() => {
-                    warn!("SIGHUP: reloading the config is not built yet; ignored");
-                    continue;
-                }
-                Some(()) = usr2.recv() => {
-                    warn!("SIGUSR2: rolling restart is not built yet; ignored");
-                    continue;
-                }
+                Some(()) = hup.recv() => Event::Reload,
+                Some(()) = usr2.recv() => Event::Restart,
                 else => return,
             };
             if inbox.send(event).is_err() {

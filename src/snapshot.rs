@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Timeouts;
 
@@ -24,6 +25,9 @@ pub struct Backend {
     pub label: Arc<str>,
     pub weight: u32,
     pub stats: Arc<BackendStats>,
+    /// Cancelled to close this backend's connections (its drain deadline passed); a
+    /// child of the proxy's token, so a stop closes them too.
+    pub close: CancellationToken,
 }
 
 /// Per-backend counters shared by every snapshot the backend appears in.
@@ -197,6 +201,7 @@ mod tests {
                     label: format!("b{i}").into(),
                     weight: *w,
                     stats: Arc::default(),
+                    close: CancellationToken::new(),
                 })
             })
             .collect();

@@ -1,6 +1,7 @@
 //! The validated, typed configuration, and [`load`]: the one way a file becomes a
 //! [`Config`], shared by `lb check`, startup and (later) reload.
 
+mod diff;
 mod error;
 mod raw;
 mod types;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{BackendSpec, Balance, CommandSpec};
 
@@ -25,7 +27,7 @@ pub struct Config {
 }
 
 /// One service: its listeners, how it balances, and where its backends come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<SocketAddr>,
@@ -36,7 +38,7 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendSpec>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// How long a connect to a backend may take.
     pub connect: Duration,
@@ -45,7 +47,7 @@ pub struct Timeouts {
 }
 
 /// How lb runs the worker processes of one service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkersConfig {
     pub command: CommandSpec,
     pub count: NonZeroUsize,
@@ -60,7 +62,7 @@ pub struct WorkersConfig {
 }
 
 /// Restart delays: `initial`, doubling per crash up to `max`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {
     pub initial: Duration,
     pub max: Duration,

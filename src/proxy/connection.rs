@@ -43,7 +43,7 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
                 Ok((up, down)) => debug!(service, backend = %backend.label, up, down, "connection closed"),
                 Err(err) => debug!(service, backend = %backend.label, %err, "connection ended"),
             },
-            () = proxy.connections.cancelled() => debug!(service, backend = %backend.label, "connection closed by stop"),
+            () = backend.close.cancelled() => debug!(service, backend = %backend.label, "connection closed: backend drained or lb stopping"),
         }
         return;
     }

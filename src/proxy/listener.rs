@@ -6,26 +6,42 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::{Bound, Proxy, connection};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::{Proxy, connection};
+
+/// One accept loop's own parts.
+pub(super) struct Accept {
+    pub service: Arc<str>,
+    pub listener: TcpListener,
+    pub limit: Arc<Semaphore>,
+    /// Cancelled when this address is closed (reload) or lb stops.
+    pub stop: CancellationToken,
+}
 
 /// Pause after running out of file descriptors or memory, instead of spinning on accept.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
-pub(super) async fn accept_loop(proxy: Proxy, bound: Bound) {
-    let Bound {
+pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
+    let Accept {
         service,
         listener,
         limit,
-    } = bound;
+        stop,
+    } = accept;
     let mut starved = false;
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = proxy.accept.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = proxy.accept.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         match accepted {
             Ok((client, peer)) => {
@@ -44,7 +60,7 @@ pub(super) async fn accept_loop(proxy: Proxy, bound: Bound) {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
-                    () = proxy.accept.cancelled() => return,
+                    () = stop.cancelled() => return,
                 }
             }
             // A client that reset before we accepted it: nothing to do.

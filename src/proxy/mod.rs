@@ -5,6 +5,7 @@ mod connection;
 mod copy;
 mod listener;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,32 +15,24 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServiceConfig;
 use crate::snapshot::{BackendId, Snapshots};
 
 /// Pending connections the kernel holds per listener; the usual Linux `somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// What every connection task shares.
+/// What every accept loop and connection task shares.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     snapshots: Arc<Snapshots>,
     /// Backends a connect failed on, for the supervisor to take out of rotation.
     down: mpsc::UnboundedSender<BackendId>,
-    /// Cancelled to stop accepting (graceful stop).
+    /// Cancelled to stop every accept loop (graceful stop); each loop has a child token.
     pub accept: CancellationToken,
-    /// Cancelled to close proxied connections (drain deadline, or a second signal).
+    /// Cancelled to close every proxied connection (drain deadline, or a second signal);
+    /// each backend has a child token that closes only its own connections.
     pub connections: CancellationToken,
     /// Every connection task, so a stop can wait for them to finish.
     pub tracker: TaskTracker,
-}
-
-/// A bound listener waiting for [`Proxy::serve`].
-#[derive(Debug)]
-pub struct Bound {
-    service: Arc<str>,
-    listener: TcpListener,
-    limit: Arc<Semaphore>,
 }
 
 impl Proxy {
@@ -52,37 +45,22 @@ impl Proxy {
             tracker: TaskTracker::new(),
         }
     }
-
-    /// Starts the accept loops; they run until [`Proxy::accept`] is cancelled.
-    pub fn serve(&self, bound: Vec<Bound>) {
-        for b in bound {
-            tokio::spawn(listener::accept_loop(self.clone(), b));
-        }
-    }
 }
 
-/// Binds every listen address of every service, before any worker starts, so an address
-/// in use is a startup error and not a half-started lb.
-pub fn bind_all(services: &[ServiceConfig]) -> anyhow::Result<Vec<Bound>> {
-    let mut bound = Vec::new();
-    for svc in services {
-        // One limit per service, shared by all of its listeners.
-        let limit = Arc::new(Semaphore::new(svc.max_connections.get()));
-        let service: Arc<str> = svc.name.as_str().into();
-        for addr in &svc.listen {
-            let listener = bind(*addr)
-                .with_context(|| format!("service {}: could not listen on {addr}", svc.name))?;
-            bound.push(Bound {
-                service: Arc::clone(&service),
-                listener,
-                limit: Arc::clone(&limit),
-            });
-        }
-    }
-    Ok(bound)
+/// Binds `addrs`, all or none, so an address in use fails a start or a reload before
+/// anything else changes.
+pub fn bind(service: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAddr, TcpListener)>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let listener = bind_one(*addr)
+                .with_context(|| format!("service {service}: could not listen on {addr}"))?;
+            Ok((*addr, listener))
+        })
+        .collect()
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -94,9 +72,78 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-impl Bound {
-    /// The address actually bound (the port is known even for `:0`).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+/// The listeners of one service: its connection limit, shared by all of its addresses,
+/// and one accept loop per address.
+#[derive(Debug)]
+pub struct ServiceListeners {
+    service: Arc<str>,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
+    loops: HashMap<SocketAddr, CancellationToken>,
+}
+
+impl ServiceListeners {
+    pub fn new(service: &str, max_connections: usize) -> Self {
+        ServiceListeners {
+            service: service.into(),
+            limit: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            loops: HashMap::new(),
+        }
+    }
+
+    /// Starts accepting on a bound listener.
+    pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) {
+        let token = proxy.accept.child_token();
+        let accept = listener::Accept {
+            service: Arc::clone(&self.service),
+            listener,
+            limit: Arc::clone(&self.limit),
+            stop: token.clone(),
+        };
+        tokio::spawn(listener::accept_loop(proxy.clone(), accept));
+        self.loops.insert(addr, token);
+    }
+
+    /// Stops accepting on `addr`; connections already accepted carry on.
+    pub fn close(&mut self, addr: &SocketAddr) {
+        if let Some(token) = self.loops.remove(addr) {
+            token.cancel();
+        }
+    }
+
+    pub fn close_all(&mut self) {
+        for (_, token) in self.loops.drain() {
+            token.cancel();
+        }
+    }
+
+    pub fn addrs(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.loops.keys()
+    }
+
+    /// Applies a new `max_connections`. Lowering it waits for connections to finish
+    /// before the freed permits disappear; it never cuts a connection.
+    pub fn set_limit(&mut self, max_connections: usize) {
+        use std::cmp::Ordering;
+        match max_connections.cmp(&self.max_connections) {
+            Ordering::Greater => self
+                .limit
+                .add_permits(max_connections - self.max_connections),
+            Ordering::Less => {
+                let (limit, excess) = (
+                    Arc::clone(&self.limit),
+                    self.max_connections - max_connections,
+                );
+                tokio::spawn(async move {
+                    let excess = u32::try_from(excess).unwrap_or(u32::MAX);
+                    if let Ok(permits) = limit.acquire_many_owned(excess).await {
+                        permits.forget();
+                    }
+                });
+            }
+            Ordering::Equal => {}
+        }
+        self.max_connections = max_connections;
     }
 }

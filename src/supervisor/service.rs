@@ -1,5 +1,5 @@
-//! The supervisor's record of one service: its worker slots and static backends, and
-//! the pool of ready backends they make.
+//! The supervisor's record of one service: its worker slots, static backends and
+//! listeners, and the pool of ready backends they make.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::state::WorkerState;
-use crate::config::{BackendSpec, ServiceConfig};
+use crate::config::{BackendSpec, BackoffPolicy, ServiceConfig};
+use crate::proxy::ServiceListeners;
 use crate::snapshot::{Backend, BackendId, Pool};
 
-/// A worker process that lb started in a slot.
+/// A worker process that lb started.
 #[derive(Debug)]
 pub(super) struct Worker {
     pub backend: Arc<Backend>,
@@ -30,10 +31,24 @@ pub(super) struct Worker {
 #[derive(Debug)]
 pub(super) struct Slot {
     pub worker: Option<Worker>,
+    /// The worker a rollout is starting to take this slot's place, until it is ready.
+    pub replacement: Option<Worker>,
     /// The state while `worker` is `None`: `Backoff` or `Stopped`.
     pub idle_state: WorkerState,
     pub backoff: Backoff,
     pub restarts: u32,
+}
+
+impl Slot {
+    pub(super) fn new(policy: BackoffPolicy) -> Self {
+        Slot {
+            worker: None,
+            replacement: None,
+            idle_state: WorkerState::Stopped,
+            backoff: Backoff::new(policy),
+            restarts: 0,
+        }
+    }
 }
 
 /// A configured remote backend.
@@ -44,43 +59,63 @@ pub(super) struct StaticBackend {
     pub probe: CancellationToken,
 }
 
+impl StaticBackend {
+    pub(super) fn new(spec: &BackendSpec, id: BackendId, close: CancellationToken) -> Self {
+        StaticBackend {
+            backend: Arc::new(Backend {
+                id,
+                addr: spec.addr,
+                label: spec.label.as_str().into(),
+                weight: spec.weight,
+                stats: Arc::default(),
+                close,
+            }),
+            // Like HAProxy without health checks: a configured server is up until it fails.
+            up: true,
+            probe: CancellationToken::new(),
+        }
+    }
+
+    pub(super) fn spec(&self) -> BackendSpec {
+        BackendSpec {
+            label: self.backend.label.to_string(),
+            addr: self.backend.addr,
+            weight: self.backend.weight,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct ServiceState {
     pub config: ServiceConfig,
     pub slots: Vec<Slot>,
     pub statics: Vec<StaticBackend>,
+    pub listeners: ServiceListeners,
     /// The round-robin position, carried from pool to pool.
     cursor: Arc<AtomicUsize>,
 }
 
 impl ServiceState {
-    /// A service with empty slots; `next_id` numbers its static backends.
-    pub(super) fn new(config: ServiceConfig, next_id: &mut impl FnMut() -> BackendId) -> Self {
-        let slots = config.workers.as_ref().map_or(0, |w| w.count.get());
-        let slots = (0..slots)
-            .map(|_| Slot {
-                worker: None,
-                idle_state: WorkerState::Stopped,
-                backoff: Backoff::new(
-                    config
-                        .workers
-                        .as_ref()
-                        .expect("slots exist only with workers")
-                        .restart_backoff,
-                ),
-                restarts: 0,
-            })
-            .collect();
-        let statics = config
-            .backends
-            .iter()
-            .map(|spec| static_backend(spec, next_id()))
-            .collect();
-        ServiceState {
+    /// A service with empty slots and no static backends yet.
+    pub(super) fn new(config: ServiceConfig) -> Self {
+        let listeners = ServiceListeners::new(&config.name, config.max_connections.get());
+        let mut svc = ServiceState {
             config,
-            slots,
-            statics,
+            slots: Vec::new(),
+            statics: Vec::new(),
+            listeners,
             cursor: Arc::default(),
+        };
+        svc.resize_slots();
+        svc
+    }
+
+    /// Adds empty slots up to the configured count (the caller fills them).
+    pub(super) fn resize_slots(&mut self) {
+        if let Some(w) = &self.config.workers {
+            while self.slots.len() < w.count.get() {
+                self.slots.push(Slot::new(w.restart_backoff));
+            }
         }
     }
 
@@ -104,48 +139,21 @@ impl ServiceState {
         )
     }
 
-    pub(super) fn live_workers(&self) -> impl Iterator<Item = &Worker> {
-        self.slots.iter().filter_map(|s| s.worker.as_ref())
-    }
-
-    pub(super) fn slot_of_pid(&self, pid: Pid) -> Option<usize> {
+    /// Every running worker process: current ones and rollout replacements.
+    pub(super) fn processes(&self) -> impl Iterator<Item = &Worker> {
         self.slots
             .iter()
-            .position(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
-    }
-
-    pub(super) fn slot_of_backend(&self, id: BackendId) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.worker.as_ref().is_some_and(|w| w.backend.id == id))
-    }
-
-    pub(super) fn static_of_backend(&self, id: BackendId) -> Option<usize> {
-        self.statics.iter().position(|s| s.backend.id == id)
+            .flat_map(|s| s.worker.iter().chain(s.replacement.iter()))
     }
 }
 
-fn static_backend(spec: &BackendSpec, id: BackendId) -> StaticBackend {
-    StaticBackend {
-        backend: Arc::new(Backend {
-            id,
-            addr: spec.addr,
-            label: spec.label.as_str().into(),
-            weight: spec.weight,
-            stats: Arc::default(),
-        }),
-        // Like HAProxy without health checks: a configured server is up until it fails.
-        up: true,
-        probe: CancellationToken::new(),
-    }
-}
-
-/// The backend of a worker listening on `port`.
+/// The backend of a worker listening on `addr`.
 pub(super) fn worker_backend(
     id: BackendId,
     service: &str,
     slot: usize,
     addr: SocketAddr,
+    close: CancellationToken,
 ) -> Backend {
     Backend {
         id,
@@ -153,5 +161,6 @@ pub(super) fn worker_backend(
         label: format!("{service}/{slot}").into(),
         weight: 1,
         stats: Arc::default(),
+        close,
     }
 }

@@ -1,0 +1,193 @@
+//! SIGHUP: re-read the config and apply only the difference. Every new listen address is
+//! bound first, so an invalid file or an address in use changes nothing; then services
+//! are removed, added and changed, and unchanged workers keep running untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use super::Supervisor;
+use super::service::StaticBackend;
+use super::stop::Phase;
+use crate::config::{self, ServiceChange, ServiceConfig};
+use crate::proxy;
+
+type Bound = Vec<(SocketAddr, TcpListener)>;
+
+impl Supervisor {
+    /// Applies the config file as it is now. Returns false, having changed nothing, if
+    /// it is invalid or one of its new addresses cannot be bound.
+    pub(super) fn reload(&mut self) -> bool {
+        if self.phase != Phase::Running {
+            return false;
+        }
+        let path = self.config_path.display().to_string();
+        let config = match config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(errors) => {
+                for err in &errors.0 {
+                    error!("{err}");
+                }
+                warn!(%path, "reload rejected: the config has errors; nothing changed");
+                return false;
+            }
+        };
+        let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
+        let diff = config::diff(&old, &config.services);
+        if diff.is_empty() {
+            info!(%path, "reload: no change");
+            return true;
+        }
+        let Some(mut bound) = bind_new(&diff) else {
+            warn!(%path, "reload rejected: a new listen address could not be bound; nothing changed");
+            return false;
+        };
+        let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
+        for name in &diff.removed {
+            self.remove_service(name);
+        }
+        for svc in diff.added {
+            let listeners = bound.remove(&svc.name).unwrap_or_default();
+            self.add_service(svc, listeners);
+        }
+        for (svc, change) in diff.changed {
+            let listeners = bound.remove(&svc.name).unwrap_or_default();
+            self.change_service(svc, change, listeners);
+        }
+        self.publish();
+        info!(%path, added, removed, changed, "reload applied");
+        // Replacing goes on (or starts) only now that every service has its new settings.
+        self.roll(Vec::new());
+        true
+    }
+
+    fn remove_service(&mut self, name: &str) {
+        let Some(si) = self.service_index(name) else {
+            return;
+        };
+        let mut svc = self.services.remove(si);
+        svc.listeners.close_all();
+        for s in &svc.statics {
+            s.probe.cancel();
+        }
+        let cfg = svc.config.workers.clone();
+        for (slot, s) in svc.slots.into_iter().enumerate() {
+            if let Some(replacement) = s.replacement {
+                self.discard(name, slot, replacement);
+            }
+            if let (Some(worker), Some(cfg)) = (s.worker, &cfg) {
+                self.retire(name, slot, worker, cfg, "removed");
+            }
+        }
+        self.rollout_forget(name, 0);
+        info!(
+            service = name,
+            "service removed: listeners closed, workers draining"
+        );
+    }
+
+    fn add_service(&mut self, config: ServiceConfig, listeners: Bound) {
+        let state = self.new_service(config);
+        self.services.push(state);
+        let si = self.services.len() - 1;
+        for slot in 0..self.services[si].slots.len() {
+            self.start_or_backoff(si, slot);
+        }
+        self.serve(si, listeners);
+        info!(service = %self.services[si].config.name, "service added");
+    }
+
+    fn change_service(&mut self, config: ServiceConfig, change: ServiceChange, listeners: Bound) {
+        let Some(si) = self.service_index(&config.name) else {
+            return;
+        };
+        let name = config.name.clone();
+        let old_workers = self.services[si].config.workers.clone();
+        {
+            let svc = &mut self.services[si];
+            svc.listeners.set_limit(config.max_connections.get());
+            for addr in &change.listen_removed {
+                svc.listeners.close(addr);
+                info!(service = %name, %addr, "stopped listening");
+            }
+            svc.statics.retain(|s| {
+                let keep = !change.backends_removed.contains(&s.spec());
+                if !keep {
+                    s.probe.cancel();
+                }
+                keep
+            });
+            svc.config = config;
+        }
+        for spec in &change.backends_added {
+            let id = self.new_id();
+            let backend = StaticBackend::new(spec, id, self.proxy.connections.child_token());
+            self.services[si].statics.push(backend);
+        }
+        self.serve(si, listeners);
+        let (from, to) = change.count;
+        if let Some(cfg) = old_workers.filter(|_| to < from) {
+            self.scale_down(si, to, &cfg);
+        }
+        self.services[si].resize_slots();
+        for slot in from..to {
+            self.start_or_backoff(si, slot);
+        }
+        if change.roll {
+            self.queue_rollout((0..from.min(to)).map(|slot| (name.clone(), slot)).collect());
+        }
+        info!(service = %name, workers = ?change.count, roll = change.roll, "service changed");
+    }
+
+    /// Drains and stops the slots from `count` up, highest first.
+    fn scale_down(&mut self, si: usize, count: usize, cfg: &config::WorkersConfig) {
+        let name = self.services[si].config.name.clone();
+        while self.services[si].slots.len() > count {
+            let slot = self.services[si].slots.len() - 1;
+            let s = self.services[si].slots.pop().expect("len > count >= 0");
+            if let Some(replacement) = s.replacement {
+                self.discard(&name, slot, replacement);
+            }
+            if let Some(worker) = s.worker {
+                self.retire(&name, slot, worker, cfg, "scale");
+            }
+        }
+        self.rollout_forget(&name, count);
+    }
+
+    fn serve(&mut self, si: usize, listeners: Bound) {
+        let svc = &mut self.services[si];
+        for (addr, listener) in listeners {
+            svc.listeners.serve(&self.proxy, addr, listener);
+            info!(service = %svc.config.name, %addr, "listening");
+        }
+    }
+}
+
+/// Binds every address the reload adds, or none.
+fn bind_new(diff: &config::Diff) -> Option<HashMap<String, Bound>> {
+    let wanted = diff
+        .added
+        .iter()
+        .map(|s| (&s.name, s.listen.clone()))
+        .chain(
+            diff.changed
+                .iter()
+                .map(|(s, c)| (&s.name, c.listen_added.clone())),
+        );
+    let mut bound = HashMap::new();
+    for (name, addrs) in wanted {
+        match proxy::bind(name, &addrs) {
+            Ok(listeners) => {
+                bound.insert(name.clone(), listeners);
+            }
+            Err(err) => {
+                error!("{err:#}");
+                return None;
+            }
+        }
+    }
+    Some(bound)
+}
