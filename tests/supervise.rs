@@ -113,3 +113,49 @@ services:
         "lb used {cpu}s of CPU in {window:?} of crash loop"
     );
 }
+
+/// The availability experiment: workers crash at random moments under load. New
+/// connections are never refused; only exchanges in flight on a crashing worker may fail.
+#[test]
+fn random_crashes_under_load_never_refuse_a_new_connection() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 3
+      env: { CRASH_WITHIN_MS: "1200" }
+      restart_backoff: { initial: 50ms, max: 200ms }
+"#,
+    );
+    lb.wait_ready(3);
+    let load = common::load::Load::start(lb.listen, 4, 2);
+    wait_until("ten crashes under load", DEADLINE, || {
+        lb.lines("worker exited").len() >= 10
+    });
+    load.wait_for(100);
+    let report = load.stop();
+    let crashes = lb.lines("worker exited").len();
+    let refused: Vec<_> = report
+        .failures
+        .iter()
+        .filter(|f| !matches!(f, common::load::Failure::Exchange(_)))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "connections refused or wrong replies: {refused:?}"
+    );
+    // Each crash can break at most the exchanges in flight on that worker: one per client.
+    let broken = report.failures.len();
+    assert!(
+        broken <= crashes * 6,
+        "{broken} broken exchanges for {crashes} crashes"
+    );
+    assert!(report.ok > 100, "only {} exchanges succeeded", report.ok);
+    eprintln!(
+        "availability: {} ok, {broken} broken in flight, {crashes} crashes",
+        report.ok
+    );
+}

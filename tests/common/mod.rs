@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod load;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -150,6 +152,30 @@ impl Lb {
     pub fn started_workers(&self) -> Vec<(usize, i32)> {
         self.lines("worker started")
             .iter()
+            .filter_map(|l| {
+                Some((
+                    field(l, "worker")?.parse().ok()?,
+                    field(l, "pid")?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Rewrites the config file lb was started with (`{listen}` and `{worker}` as in
+    /// [`Lb::start`]), for a reload.
+    pub fn rewrite_config(&self, config: &str) {
+        let text = config
+            .replace("{listen}", &self.listen.to_string())
+            .replace("{worker}", WORKER);
+        std::fs::write(self.dir.path().join("lb.yaml"), text).expect("rewrite config");
+    }
+
+    /// Pids of the workers in rotation now, slot by slot: the newest ready process of
+    /// each slot (from the `worker ready` and `replacement ready` log lines).
+    pub fn ready_pids(&self) -> std::collections::BTreeMap<usize, i32> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("worker ready") || l.contains("replacement ready"))
             .filter_map(|l| {
                 Some((
                     field(l, "worker")?.parse().ok()?,

@@ -7,6 +7,8 @@
 //! - `EXIT_AFTER=N`: exit with code 3 once N connections have been accepted.
 //! - `START_DELAY_MS=N`: wait N ms before listening (a slow start).
 //! - `IGNORE_SIGTERM=1`: keep running on SIGTERM (a worker that must be killed).
+//! - `CRASH_WITHIN_MS=N`: crash (exit code 4) at a random moment between N/2 and N ms
+//!   after it starts listening.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -37,6 +39,15 @@ fn main() {
         )
     });
     println!("listening on {host}:{port}");
+    let crash_within = env_num("CRASH_WITHIN_MS");
+    if crash_within > 0 {
+        let at = crash_within / 2 + random() % (crash_within / 2 + 1);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(at));
+            eprintln!("crashing after {at} ms");
+            std::process::exit(4);
+        });
+    }
     let exit_after = env_num("EXIT_AFTER") as usize;
     let delay = Duration::from_millis(env_num("REPLY_DELAY_MS"));
     static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
@@ -50,6 +61,18 @@ fn main() {
             std::process::exit(3);
         }
     }
+}
+
+/// Good enough randomness for crash times: differs per process and per start.
+fn random() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
 }
 
 /// Echoes until the client half-closes, then half-closes back.

@@ -1,0 +1,195 @@
+//! SIGHUP applies only what changed in the config: counts, services, and nothing at all
+//! when the file is invalid.
+
+mod common;
+
+use common::load::Load;
+use common::{DEADLINE, Lb, alive, free_port, hello, wait_until};
+use nix::sys::signal::Signal;
+
+fn echo_service(count: usize) -> String {
+    format!(
+        r#"
+services:
+  - name: web
+    listen: {{listen}}
+    workers:
+      command: ["{{worker}}"]
+      count: {count}
+      drain_timeout: 10s
+"#
+    )
+}
+
+/// Waits for the `n`th `reload applied` (or `rejected`) line.
+fn reloaded(lb: &Lb, what: &str, n: usize) {
+    wait_until(&format!("reload {what} #{n}"), DEADLINE, || {
+        lb.lines(&format!("reload {what}")).len() >= n
+    });
+}
+
+#[test]
+fn count_two_four_two_scales_without_touching_unchanged_slots_or_failing_requests() {
+    let lb = Lb::start(&echo_service(2));
+    lb.wait_ready(2);
+    let first = lb.ready_pids();
+    let load = Load::start(lb.listen, 3, 3);
+    load.wait_for(200);
+
+    lb.rewrite_config(&echo_service(4));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 1);
+    lb.wait_ready(4);
+    load.wait_for(200);
+    let scaled_up = lb.ready_pids();
+    assert_eq!(scaled_up.len(), 4);
+    assert_eq!(
+        (scaled_up[&0], scaled_up[&1]),
+        (first[&0], first[&1]),
+        "slots 0 and 1 were restarted"
+    );
+
+    lb.rewrite_config(&echo_service(2));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 2);
+    wait_until("slots 2 and 3 stopped", DEADLINE, || {
+        !alive(scaled_up[&2]) && !alive(scaled_up[&3])
+    });
+    load.wait_for(200);
+    let report = load.stop();
+    assert!(
+        report.failures.is_empty(),
+        "{:?}\n{}",
+        report.failures,
+        lb.log()
+    );
+    let scale_downs = lb.lines("reason=scale");
+    assert!(
+        scale_downs.iter().any(|l| l.contains("worker=3"))
+            && scale_downs.iter().any(|l| l.contains("worker=2"))
+    );
+    assert!(
+        alive(first[&0]) && alive(first[&1]),
+        "unchanged slots keep their pids"
+    );
+    assert_eq!(lb.started_workers().len(), 4, "no other worker was started");
+}
+
+#[test]
+fn an_invalid_config_on_reload_changes_nothing() {
+    let lb = Lb::start(&echo_service(2));
+    lb.wait_ready(2);
+    let before = lb.ready_pids();
+    lb.rewrite_config(&echo_service(2).replace("count: 2", "count: -2"));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "rejected", 1);
+    let error = lb.lines("services[0].workers.count");
+    assert_eq!(error.len(), 1, "{}", lb.log());
+    assert!(
+        error[0].contains("lb.yaml:7:14: services[0].workers.count: expected a positive integer"),
+        "{}",
+        error[0]
+    );
+    assert_eq!(common::echo(lb.listen, b"still serving"), b"still serving");
+    assert_eq!(lb.ready_pids(), before);
+    assert_eq!(lb.started_workers().len(), 2);
+}
+
+#[test]
+fn a_service_added_by_reload_serves_on_its_port_and_goes_away_when_removed() {
+    let lb = Lb::start(&echo_service(1));
+    lb.wait_ready(1);
+    let web = lb.worker_pid(0);
+    let api_port = free_port();
+    let with_api = format!(
+        r#"{}
+  - name: api
+    listen: 127.0.0.1:{api_port}
+    workers:
+      command: ["{{worker}}"]
+      count: 2
+      env: {{ HELLO: "1" }}
+"#,
+        echo_service(1).trim_end()
+    );
+    lb.rewrite_config(&with_api);
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 1);
+    lb.wait_ready(3);
+    let api_addr = std::net::SocketAddr::from(([127, 0, 0, 1], api_port));
+    let line = hello(api_addr).expect("the new service answers");
+    assert!(line.contains("service=api"), "{line}");
+    let api_pids: Vec<i32> = lb
+        .started_workers()
+        .into_iter()
+        .skip(1)
+        .map(|(_, pid)| pid)
+        .collect();
+    assert_eq!(api_pids.len(), 2);
+
+    lb.rewrite_config(&echo_service(1));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 2);
+    wait_until("api workers stopped", DEADLINE, || {
+        api_pids.iter().all(|p| !alive(*p))
+    });
+    wait_until("api port closed", DEADLINE, || {
+        std::net::TcpStream::connect(api_addr).is_err()
+    });
+    assert!(alive(web), "the unchanged service was touched");
+    assert_eq!(common::echo(lb.listen, b"web still up"), b"web still up");
+}
+
+#[test]
+fn changed_worker_settings_roll_only_that_service() {
+    let two = format!(
+        r#"{}
+  - name: api
+    listen: 127.0.0.1:{}
+    workers:
+      command: ["{{worker}}"]
+      count: 2
+"#,
+        echo_service(2).trim_end(),
+        free_port()
+    );
+    let lb = Lb::start(&two);
+    lb.wait_ready(4);
+    let web: Vec<i32> = lb
+        .started_workers()
+        .into_iter()
+        .take(2)
+        .map(|(_, pid)| pid)
+        .collect();
+    let api: Vec<i32> = lb
+        .started_workers()
+        .into_iter()
+        .skip(2)
+        .map(|(_, pid)| pid)
+        .collect();
+    let load = Load::start(lb.listen, 2, 2);
+    load.wait_for(100);
+    // Only the api service gets a new environment variable.
+    lb.rewrite_config(
+        &two.replacen(
+            "      count: 2\n",
+            "      count: 2\n      env: { RELEASE: \"2\" }\n",
+            2,
+        )
+        .replacen(
+            "      count: 2\n      env: { RELEASE: \"2\" }\n",
+            "      count: 2\n",
+            1,
+        ),
+    );
+    lb.signal(Signal::SIGHUP);
+    lb.wait_log("rollout finished");
+    load.wait_for(100);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(web.iter().all(|p| alive(*p)), "web workers were replaced");
+    wait_until("old api workers stopped", DEADLINE, || {
+        api.iter().all(|p| !alive(*p))
+    });
+    assert_eq!(lb.lines("rollout: replacement started").len(), 2);
+}

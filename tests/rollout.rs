@@ -1,0 +1,185 @@
+//! SIGUSR2 replaces every worker one at a time under load, without a failed exchange;
+//! draining lets open connections finish; a bad release halts the rollout.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::load::Load;
+use common::{DEADLINE, Lb, alive, connect, wait_until};
+use nix::sys::signal::Signal;
+
+const THREE_ECHO_WORKERS: &str = r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 3
+      drain_timeout: 10s
+"#;
+
+#[test]
+fn sigusr2_replaces_every_worker_under_load_without_a_failed_exchange() {
+    let lb = Lb::start(THREE_ECHO_WORKERS);
+    lb.wait_ready(3);
+    let before = lb.ready_pids();
+    let load = Load::start(lb.listen, 4, 4);
+    load.wait_for(300);
+    for round in 1..=2 {
+        lb.signal(Signal::SIGUSR2);
+        wait_until(&format!("rollout {round} to finish"), DEADLINE, || {
+            lb.lines("rollout finished").len() >= round
+        });
+        load.wait_for(300);
+    }
+    let report = load.stop();
+    assert!(
+        report.failures.is_empty(),
+        "{} ok, failures: {:?}\n{}",
+        report.ok,
+        report.failures,
+        lb.log()
+    );
+    let after = lb.ready_pids();
+    assert_eq!(after.len(), 3);
+    for (slot, pid) in &after {
+        assert_ne!(before[slot], *pid, "slot {slot} was not replaced");
+        assert!(alive(*pid));
+        assert!(
+            !alive(before[slot]),
+            "old worker of slot {slot} still running"
+        );
+    }
+    assert_eq!(lb.lines("retired worker stopped").len(), 6, "{}", lb.log());
+}
+
+#[test]
+fn a_connection_open_across_a_rollout_keeps_working_until_it_closes_itself() {
+    let lb = Lb::start(THREE_ECHO_WORKERS.replace("count: 3", "count: 1").as_str());
+    lb.wait_ready(1);
+    let old = lb.worker_pid(0);
+    let mut stream = connect(lb.listen);
+    let mut exchange = |n: usize| {
+        let msg = format!("message {n}\n");
+        stream
+            .write_all(msg.as_bytes())
+            .expect("send on the old connection");
+        let mut reply = vec![0u8; msg.len()];
+        stream
+            .read_exact(&mut reply)
+            .expect("reply on the old connection");
+        assert_eq!(reply, msg.as_bytes());
+    };
+    exchange(0);
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("worker out of rotation, draining");
+    // The old worker is out of rotation, and still serves this connection.
+    for n in 1..=20 {
+        exchange(n);
+    }
+    assert!(alive(old));
+    drop(stream);
+    lb.wait_log("rollout finished");
+    assert!(!lb.lines("worker drained").is_empty(), "{}", lb.log());
+    assert!(lb.lines("drain_timeout passed").is_empty(), "{}", lb.log());
+    wait_until("old worker stopped", DEADLINE, || !alive(old));
+}
+
+#[test]
+fn a_connection_outliving_drain_timeout_is_closed_and_the_old_worker_stopped() {
+    let lb = Lb::start(
+        &THREE_ECHO_WORKERS
+            .replace("count: 3", "count: 1")
+            .replace("drain_timeout: 10s", "drain_timeout: 1s"),
+    );
+    lb.wait_ready(1);
+    let old = lb.worker_pid(0);
+    let mut stream = connect(lb.listen);
+    stream.write_all(b"hold\n").expect("send");
+    let mut reply = [0u8; 5];
+    stream.read_exact(&mut reply).expect("echo");
+    let signalled = std::time::Instant::now();
+    lb.signal(Signal::SIGUSR2);
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("lb closes the connection at the drain deadline");
+    let held = signalled.elapsed();
+    assert!(
+        held >= std::time::Duration::from_millis(900),
+        "closed after {held:?}, before drain_timeout"
+    );
+    lb.wait_log("rollout finished");
+    assert_eq!(lb.lines("drain_timeout passed").len(), 1, "{}", lb.log());
+    wait_until("old worker stopped", DEADLINE, || !alive(old));
+    assert_ne!(lb.worker_pid(0), old);
+}
+
+#[test]
+fn a_release_that_never_gets_ready_halts_the_rollout_and_old_workers_keep_serving() {
+    let config = THREE_ECHO_WORKERS.replace(
+        "drain_timeout: 10s",
+        "drain_timeout: 10s\n      ready_timeout: 1s",
+    );
+    let lb = Lb::start(&config);
+    lb.wait_ready(3);
+    let before = lb.ready_pids();
+    let load = Load::start(lb.listen, 3, 3);
+    load.wait_for(200);
+    // The new release starts, but never listens on its PORT.
+    lb.rewrite_config(&config.replace(r#"command: ["{worker}"]"#, r#"command: ["sleep", "600"]"#));
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout halted");
+    load.wait_for(200);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(
+        lb.ready_pids(),
+        before,
+        "old workers replaced despite the halt"
+    );
+    for pid in before.values() {
+        assert!(alive(*pid));
+    }
+    let halted = &lb.lines("rollout halted")[0];
+    assert!(
+        halted.contains("not ready within ready_timeout") && halted.contains("web/0"),
+        "{halted}"
+    );
+    // Only the first slot was tried, and its replacement was killed.
+    let tried = lb.lines("rollout: replacement started");
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    let replacement: i32 = common::field(&tried[0], "pid")
+        .expect("pid")
+        .parse()
+        .expect("pid");
+    wait_until("the failed replacement to be killed", DEADLINE, || {
+        !alive(replacement)
+    });
+}
+
+#[test]
+fn sigusr2_during_a_rollout_runs_one_more_rollout_after_it() {
+    let lb = Lb::start(&THREE_ECHO_WORKERS.replace("count: 3", "count: 2").replace(
+        r#"command: ["{worker}"]"#,
+        r#"command: ["{worker}"]
+      env: { START_DELAY_MS: "300" }"#,
+    ));
+    lb.wait_ready(2);
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout started");
+    lb.signal(Signal::SIGUSR2);
+    lb.signal(Signal::SIGUSR2);
+    wait_until("two rollouts", DEADLINE, || {
+        lb.lines("rollout finished").len() >= 2
+    });
+    // The kernel may merge the two pending signals; either way they coalesce into one
+    // more rollout, never a concurrent one.
+    assert!(!lb.lines("one more full rollout will follow").is_empty());
+    // Both rollouts replaced both slots: 2 initial workers + 4 replacements, no overlap.
+    assert_eq!(lb.started_workers().len(), 6, "{}", lb.log());
+    assert_eq!(lb.lines("rollout started").len(), 2);
+    let replaced: Vec<String> = lb.lines("rollout: replacement started");
+    assert_eq!(replaced.len(), 4, "{replaced:?}");
+}
