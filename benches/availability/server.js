@@ -1,0 +1,22 @@
+// The app of the availability bench: a small HTTP server, run either by lb (PORT) or
+// as a worker of Node's cluster module (cluster.js). CRASH_WITHIN_MS=N makes it crash
+// at a random moment between N/2 and N ms after it starts listening.
+const http = require("node:http");
+
+const port = Number(process.env.PORT || 8080);
+const host = process.env.HOST || "127.0.0.1";
+const id = process.env.LB_WORKER_ID ?? process.env.WORKER_ID ?? "?";
+
+const server = http.createServer((req, res) => {
+  res.end(`ok from worker ${id}\n`);
+});
+server.listen(port, host);
+
+const crashWithin = Number(process.env.CRASH_WITHIN_MS || 0);
+if (crashWithin > 0) {
+  setTimeout(() => process.exit(4), crashWithin / 2 + Math.random() * (crashWithin / 2));
+}
+
+// A graceful stop, as the cluster tutorial's workers do on disconnect: finish what is
+// in flight, then exit.
+process.on("SIGTERM", () => server.close(() => process.exit(0)));
