@@ -23,6 +23,9 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
             break;
         };
         tried[attempt] = backend.id;
+        // Counted from the pick, not from the connect, so a draining worker is not
+        // stopped while a connection that picked it is still connecting.
+        let active = backend.stats.track();
         let connect =
             tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr)).await;
         let upstream = match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
@@ -30,10 +33,10 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
             Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
                 report_down(proxy, backend.id, &backend.stats);
+                drop(active);
                 continue;
             }
         };
-        let _active = backend.stats.track();
         // Small writes (a request line, a keystroke) go out at once, as on a direct connection.
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);

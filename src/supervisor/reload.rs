@@ -136,6 +136,12 @@ impl Supervisor {
             self.start_or_backoff(si, slot);
         }
         if change.roll {
+            let svc = &mut self.services[si];
+            if let Some(cfg) = &svc.config.workers {
+                for s in &mut svc.slots {
+                    s.backoff = super::backoff::Backoff::new(cfg.restart_backoff);
+                }
+            }
             self.queue_rollout((0..from.min(to)).map(|slot| (name.clone(), slot)).collect());
         }
         info!(service = %name, workers = ?change.count, roll = change.roll, "service changed");
