@@ -193,3 +193,47 @@ fn changed_worker_settings_roll_only_that_service() {
     });
     assert_eq!(lb.lines("rollout: replacement started").len(), 2);
 }
+
+#[test]
+fn listen_addresses_and_static_backends_follow_the_config() {
+    // Two static backends that say who they are.
+    let backend = |name: &'static str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = std::io::Write::write_all(&mut &stream, format!("{name}\n").as_bytes());
+            }
+        });
+        addr
+    };
+    let (a, b) = (backend("a"), backend("b"));
+    let second = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = |listen: &str, backends: &str| {
+        format!("services:\n  - name: edge\n    listen: {listen}\n    backends: [{backends}]\n")
+    };
+    let lb = Lb::start(&config("{listen}", &format!("'{a}'")));
+    lb.wait_log("listening");
+    assert_eq!(hello(lb.listen).expect("via a"), "a");
+
+    lb.rewrite_config(&config(
+        &format!("['{}', '{second}']", lb.listen),
+        &format!("'{b}'"),
+    ));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 1);
+    for _ in 0..4 {
+        assert_eq!(hello(lb.listen).expect("old address"), "b");
+        assert_eq!(hello(second).expect("new address"), "b");
+    }
+
+    lb.rewrite_config(&config(&format!("'{second}'"), &format!("'{a}', '{b}'")));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 2);
+    wait_until("the first address closed", DEADLINE, || {
+        std::net::TcpStream::connect(lb.listen).is_err()
+    });
+    let mut seen: Vec<String> = (0..4).map(|_| hello(second).expect("hello")).collect();
+    seen.sort();
+    assert_eq!(seen, ["a", "a", "b", "b"]);
+}

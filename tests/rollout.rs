@@ -26,7 +26,11 @@ fn sigusr2_replaces_every_worker_under_load_without_a_failed_exchange() {
     let before = lb.ready_pids();
     let load = Load::start(lb.listen, 4, 4);
     load.wait_for(300);
-    for round in 1..=2 {
+    // Rollout after rollout for about ten seconds of continuous load.
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while round < 2 || started.elapsed() < std::time::Duration::from_secs(10) {
+        round += 1;
         lb.signal(Signal::SIGUSR2);
         wait_until(&format!("rollout {round} to finish"), DEADLINE, || {
             lb.lines("rollout finished").len() >= round
@@ -51,7 +55,17 @@ fn sigusr2_replaces_every_worker_under_load_without_a_failed_exchange() {
             "old worker of slot {slot} still running"
         );
     }
-    assert_eq!(lb.lines("retired worker stopped").len(), 6, "{}", lb.log());
+    assert_eq!(
+        lb.lines("retired worker stopped").len(),
+        3 * round,
+        "{}",
+        lb.log()
+    );
+    eprintln!(
+        "{} exchanges over {round} rollouts in {:?}, none failed",
+        report.ok,
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -182,4 +196,39 @@ fn sigusr2_during_a_rollout_runs_one_more_rollout_after_it() {
     assert_eq!(lb.lines("rollout started").len(), 2);
     let replaced: Vec<String> = lb.lines("rollout: replacement started");
     assert_eq!(replaced.len(), 4, "{replaced:?}");
+}
+
+#[test]
+fn a_replacement_that_exits_at_once_halts_the_rollout() {
+    let lb = Lb::start(THREE_ECHO_WORKERS);
+    lb.wait_ready(3);
+    let before = lb.ready_pids();
+    lb.rewrite_config(
+        &THREE_ECHO_WORKERS.replace(r#"command: ["{worker}"]"#, r#"command: "exit 3""#),
+    );
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout halted");
+    let halted = &lb.lines("rollout halted")[0];
+    assert!(
+        halted.contains("exited (exit code 3) before it was ready"),
+        "{halted}"
+    );
+    assert_eq!(lb.ready_pids(), before);
+    assert_eq!(
+        common::echo(lb.listen, b"old workers serve"),
+        b"old workers serve"
+    );
+}
+
+#[test]
+fn sigusr2_with_an_invalid_config_changes_nothing() {
+    let lb = Lb::start(THREE_ECHO_WORKERS);
+    lb.wait_ready(3);
+    let before = lb.ready_pids();
+    lb.rewrite_config(&THREE_ECHO_WORKERS.replace("count: 3", "count: lots"));
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("reload rejected");
+    assert!(lb.lines("rollout started").is_empty());
+    assert_eq!(lb.ready_pids(), before);
+    assert_eq!(lb.started_workers().len(), 3);
 }
