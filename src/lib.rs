@@ -13,8 +13,10 @@
 //! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
 //!   and copy bytes to the backend they pick.
 //!
-//! Beside them: [`signals`] turns Unix signals into supervisor events, [`logging`] sets up
-//! logs and forwards worker output, [`cli`] is the command line.
+//! Beside them: [`admin`] is the HTTP API (status, metrics, reload, restart) and its
+//! client, [`metrics`] the Prometheus registry, [`signals`] turns Unix signals into
+//! supervisor events, [`logging`] sets up logs and forwards worker output, [`cli`] is the
+//! command line.
 //!
 //! # Theory of operation
 //!
@@ -25,9 +27,11 @@
 //! new snapshot and stores it; a connection reads whichever snapshot is current when it
 //! is accepted.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod signals;
 pub mod snapshot;
@@ -41,6 +45,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use config::Config;
+use metrics::Metrics;
 use proxy::Proxy;
 use snapshot::Snapshots;
 use supervisor::Supervisor;
@@ -52,13 +57,38 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     for svc in &config.services {
         bound.insert(svc.name.clone(), proxy::bind(&svc.name, &svc.listen)?);
     }
+    let admin_listener = match config.admin {
+        Some(addr) => Some(admin::bind(addr).await?),
+        None => None,
+    };
+    let metrics = Metrics::default();
     let snapshots = Arc::new(Snapshots::default());
     let (down_tx, down_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
-    let (mut supervisor, inbox) = Supervisor::new(config_path, &config, snapshots, proxy, down_rx)
-        .context("could not watch child processes")?;
-    signals::start(inbox).context("could not install signal handlers")?;
+    let (mut supervisor, inbox) = Supervisor::new(
+        config_path,
+        &config,
+        Arc::clone(&snapshots),
+        proxy,
+        down_rx,
+        metrics.clone(),
+    )
+    .context("could not watch child processes")?;
+    signals::start(inbox.clone()).context("could not install signal handlers")?;
     supervisor.start(bound)?;
+    if let Some(listener) = admin_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "admin API listening");
+        }
+        admin::serve(
+            listener,
+            admin::Admin {
+                inbox,
+                snapshots,
+                metrics,
+            },
+        );
+    }
     supervisor.run().await;
     Ok(())
 }

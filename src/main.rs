@@ -1,16 +1,37 @@
-//! The `lb` binary: parse the command line, then run, or check a config.
+//! The `lb` binary: parse the command line, then run, check a config, or talk to a
+//! running lb.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use hyper::Method;
+use lb::admin::{client, status::Status};
 use lb::cli::{Cli, Command};
 use lb::{config, logging};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match &cli.command {
         Some(Command::Check { file }) => check(file.as_deref().unwrap_or(&cli.config)),
+        Some(Command::Status { json }) => client_command(&cli, Method::GET, "/status", |body| {
+            if *json {
+                return Ok(body.to_owned());
+            }
+            let status: Status =
+                serde_json::from_str(body).map_err(|err| format!("unexpected answer: {err}"))?;
+            Ok(status.table())
+        }),
+        Some(Command::Reload) => {
+            client_command(&cli, Method::POST, "/reload", |body| Ok(body.to_owned()))
+        }
+        Some(Command::Restart { service }) => {
+            let path = service
+                .as_ref()
+                .map_or("/restart".to_owned(), |s| format!("/restart?service={s}"));
+            client_command(&cli, Method::POST, &path, |body| Ok(body.to_owned()))
+        }
         Some(Command::Watchdog) => match lb::supervisor::serve_watchdog() {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
@@ -60,5 +81,58 @@ fn run(cli: &Cli) -> ExitCode {
             eprintln!("lb: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where the client commands find lb: `--admin`, else the config file's `admin.listen`,
+/// else the default address.
+fn admin_address(cli: &Cli) -> Result<SocketAddr, String> {
+    if let Some(addr) = cli.admin {
+        return Ok(addr);
+    }
+    match config::admin_address(&cli.config) {
+        None => Ok(config::DEFAULT_ADMIN),
+        Some(Ok(Some(addr))) => Ok(addr),
+        Some(Ok(None)) => Err(format!(
+            "{}: admin.listen is null, so lb has no admin API to ask",
+            cli.config.display()
+        )),
+        Some(Err(err)) => Err(format!("{err} (or pass --admin ADDR)")),
+    }
+}
+
+/// One request to a running lb; prints the answer (through `show`) on success, or one
+/// line on stderr and exit 1.
+fn client_command(
+    cli: &Cli,
+    method: Method,
+    path: &str,
+    show: impl Fn(&str) -> Result<String, String>,
+) -> ExitCode {
+    let fail = |msg: &str| {
+        eprintln!("lb: {}", msg.trim_end());
+        ExitCode::FAILURE
+    };
+    let addr = match admin_address(cli) {
+        Ok(addr) => addr,
+        Err(msg) => return fail(&msg),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => return fail(&format!("could not start the async runtime: {err}")),
+    };
+    match runtime.block_on(client::call(addr, method, path)) {
+        Ok((code, body)) if code.is_success() => match show(&body) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(msg) => fail(&msg),
+        },
+        Ok((code, body)) => fail(&format!("{code}: {body}")),
+        Err(err) => fail(&format!("{err:#}")),
     }
 }

@@ -22,8 +22,8 @@ pub fn start(inbox: Inbox) -> std::io::Result<()> {
             let event = tokio::select! {
                 Some(()) = term.recv() => Event::Stop { fast: false },
                 Some(()) = int.recv() => Event::Stop { fast: false },
-                Some(()) = hup.recv() => Event::Reload,
-                Some(()) = usr2.recv() => Event::Restart,
+                Some(()) = hup.recv() => Event::Reload { reply: None },
+                Some(()) = usr2.recv() => Event::Restart { service: None, reply: None },
                 else => return,
             };
             if inbox.send(event).is_err() {

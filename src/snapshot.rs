@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Timeouts;
+use crate::metrics::{BackendMetrics, ServiceMetrics};
 
 /// Identifies a backend in reports from the proxy to the supervisor.
 pub type BackendId = u64;
@@ -25,6 +26,7 @@ pub struct Backend {
     pub label: Arc<str>,
     pub weight: u32,
     pub stats: Arc<BackendStats>,
+    pub metrics: BackendMetrics,
     /// Cancelled to close this backend's connections (its drain deadline passed); a
     /// child of the proxy's token, so a stop closes them too.
     pub close: CancellationToken,
@@ -44,12 +46,6 @@ impl BackendStats {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Counts a connection as active until the guard drops.
-    pub fn track(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(Arc::clone(self))
-    }
-
     /// True for the one caller that should report this backend down.
     pub fn mark_down(&self) -> bool {
         !self.reported_down.swap(true, Ordering::AcqRel)
@@ -61,13 +57,23 @@ impl BackendStats {
     }
 }
 
+impl Backend {
+    /// Counts a connection as active on this backend until the guard drops.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections_active.inc();
+        ActiveGuard(Arc::clone(self))
+    }
+}
+
 /// Decrements the active count of a backend when the connection ends.
 #[derive(Debug)]
-pub struct ActiveGuard(Arc<BackendStats>);
+pub struct ActiveGuard(Arc<Backend>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections_active.dec();
     }
 }
 
@@ -81,16 +87,23 @@ pub struct Pool {
     /// Shared with the pools that replace this one, so a swap does not restart the turn.
     cursor: Arc<AtomicUsize>,
     pub timeouts: Timeouts,
+    pub metrics: Arc<ServiceMetrics>,
 }
 
 impl Pool {
-    pub fn new(backends: Vec<Arc<Backend>>, cursor: Arc<AtomicUsize>, timeouts: Timeouts) -> Self {
+    pub fn new(
+        backends: Vec<Arc<Backend>>,
+        cursor: Arc<AtomicUsize>,
+        timeouts: Timeouts,
+        metrics: Arc<ServiceMetrics>,
+    ) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Pool {
             rotation: smooth_rotation(&weights),
             backends,
             cursor,
             timeouts,
+            metrics,
         }
     }
 
@@ -191,6 +204,7 @@ mod tests {
     use std::time::Duration;
 
     fn pool(weights: &[u32]) -> Pool {
+        let metrics = crate::metrics::Metrics::default();
         let backends = weights
             .iter()
             .enumerate()
@@ -201,6 +215,7 @@ mod tests {
                     label: format!("b{i}").into(),
                     weight: *w,
                     stats: Arc::default(),
+                    metrics: metrics.backend("test", &i.to_string()),
                     close: CancellationToken::new(),
                 })
             })
@@ -209,7 +224,12 @@ mod tests {
             connect: Duration::from_secs(1),
             idle: Duration::from_secs(1),
         };
-        Pool::new(backends, Arc::default(), timeouts)
+        Pool::new(
+            backends,
+            Arc::default(),
+            timeouts,
+            Arc::new(metrics.service("test")),
+        )
     }
 
     #[test]

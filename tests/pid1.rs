@@ -36,6 +36,7 @@ fn as_pid_1_lb_reaps_orphans_and_stops_on_sigterm() {
     // so the orphan is re-parented to PID 1, which must reap it when it ends.
     let config = format!(
         r#"
+admin: {{ listen: null }}
 services:
   - name: web
     listen: {listen}

@@ -86,7 +86,7 @@ fn an_invalid_config_on_reload_changes_nothing() {
     let error = lb.lines("services[0].workers.count");
     assert_eq!(error.len(), 1, "{}", lb.log());
     assert!(
-        error[0].contains("lb.yaml:7:14: services[0].workers.count: expected a positive integer"),
+        error[0].contains("lb.yaml:9:14: services[0].workers.count: expected a positive integer"),
         "{}",
         error[0]
     );

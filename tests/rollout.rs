@@ -190,7 +190,7 @@ fn sigusr2_during_a_rollout_runs_one_more_rollout_after_it() {
     });
     // The kernel may merge the two pending signals; either way they coalesce into one
     // more rollout, never a concurrent one.
-    assert!(!lb.lines("one more full rollout will follow").is_empty());
+    assert!(!lb.lines("one more rollout will follow").is_empty());
     // Both rollouts replaced both slots: 2 initial workers + 4 replacements, no overlap.
     assert_eq!(lb.started_workers().len(), 6, "{}", lb.log());
     assert_eq!(lb.lines("rollout started").len(), 2);

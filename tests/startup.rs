@@ -71,8 +71,10 @@ fn the_shipped_example_config_serves() {
     );
     // The same file, on a free port and run from a temp dir with the repo as its cwd.
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let text = example
         .replace("listen: 127.0.0.1:8080", &format!("listen: {listen}"))
+        .replace("listen: 127.0.0.1:9900", &format!("listen: {admin}"))
         .replace("cwd: .", &format!("cwd: {repo}"));
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("lb.yaml");
@@ -137,7 +139,7 @@ fn a_bare_config_file_name_runs_workers_in_the_config_folder() {
     let dir = tempfile::tempdir().expect("temp dir");
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = format!(
-        "services:\n  - name: web\n    listen: {listen}\n    workers:\n      command: [\"{}\"]\n      count: 1\n",
+        "admin: {{ listen: null }}\nservices:\n  - name: web\n    listen: {listen}\n    workers:\n      command: [\"{}\"]\n      count: 1\n",
         common::WORKER
     );
     std::fs::write(dir.path().join("lb.yaml"), config).expect("write config");

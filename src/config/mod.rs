@@ -20,9 +20,15 @@ pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{BackendSpec, Balance, CommandSpec};
 
+/// Where the admin API listens unless the config says otherwise: loopback only.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9900);
+
 /// A whole lb configuration, every default filled in.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The admin API's address; None when `admin.listen: null` turns it off.
+    pub admin: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -89,14 +95,43 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses config text; `file` names it in errors and `base` anchors relative paths.
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
-    let raw = validate::deserialize(text, file).map_err(|err| ConfigErrors(vec![err]))?;
+    let raw: raw::RawConfig =
+        validate::deserialize(text, file).map_err(|err| ConfigErrors(vec![err]))?;
     validate::build(raw, file, base)
+}
+
+/// The admin address for the client commands (`lb status`, `lb reload`, ...), read from
+/// `admin.listen` alone, so a file with errors elsewhere (the one about to be reloaded)
+/// still names it. `None` if the file cannot be read; `Ok(None)` if it turns the API off.
+pub fn admin_address(path: &Path) -> Option<Result<Option<SocketAddr>, ConfigError>> {
+    #[derive(serde::Deserialize)]
+    struct AdminOnly {
+        #[serde(default)]
+        admin: AdminSection,
+    }
+    #[derive(Default, serde::Deserialize)]
+    struct AdminSection {
+        #[serde(default)]
+        listen: types::AdminListen,
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let parsed: Result<AdminOnly, _> = validate::deserialize(&text, &path.display().to_string());
+    Some(parsed.map(|a| a.admin.listen.resolve()))
 }
 
 impl Config {
     /// The one-screen summary `lb check` prints for a valid file.
     pub fn summary(&self) -> String {
         let mut out = String::new();
+        match self.admin {
+            Some(addr) => {
+                let _ = writeln!(
+                    out,
+                    "admin API: http://{addr}/ (status, metrics, reload, restart)"
+                );
+            }
+            None => out.push_str("admin API: off\n"),
+        }
         for svc in &self.services {
             let listen: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
             let _ = writeln!(

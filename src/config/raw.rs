@@ -7,25 +7,23 @@ use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 use super::types::{
-    BackendSpec, Balance, CommandSpec, DurationStr, ListenAddrs, NotSupportedYet, Positive,
-    ScalarText, ServiceName, SignalName, WorkerCount, choice,
+    AdminListen, BackendSpec, Balance, CommandSpec, DurationStr, ListenAddrs, NotSupportedYet,
+    Positive, ScalarText, ServiceName, SignalName, WorkerCount, choice,
 };
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     #[serde(default)]
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub admin: Option<RawAdmin>,
+    pub admin: RawAdmin,
     pub services: Vec<RawService>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
-    /// Only `null` is accepted until the admin API exists.
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub listen: Option<NotSupportedYet>,
+    #[serde(default)]
+    pub listen: AdminListen,
 }
 
 #[derive(Debug, Deserialize)]

@@ -122,6 +122,57 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// `admin.listen`: an address, `null` to turn the admin API off, or absent for the
+/// default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AdminListen {
+    #[default]
+    Default,
+    Disabled,
+    Addr(SocketAddr),
+}
+
+impl AdminListen {
+    pub fn resolve(self) -> Option<SocketAddr> {
+        match self {
+            AdminListen::Default => Some(super::DEFAULT_ADMIN),
+            AdminListen::Disabled => None,
+            AdminListen::Addr(addr) => Some(addr),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AdminListen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address like 127.0.0.1:9900, or null")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<AdminListen, E> {
+                Ok(AdminListen::Disabled)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<AdminListen, E> {
+                Ok(AdminListen::Disabled)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AdminListen, E> {
+                let what = "an IP:port address like 127.0.0.1:9900, or null";
+                SocketAddr::from_str(v)
+                    .map(AdminListen::Addr)
+                    .map_err(|_| invalid(what, shown(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<AdminListen, E> {
+                Err(invalid(
+                    "an IP:port address like 127.0.0.1:9900, or null",
+                    v,
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `listen`: one address or a list of them; list items keep their position, so a
 /// clash between services points at the very item.
 #[derive(Debug, Clone, PartialEq, Eq)]

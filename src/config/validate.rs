@@ -26,7 +26,10 @@ const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Parses the YAML into raw types; the first error carries its position and field path.
-pub(super) fn deserialize(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
     if text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
@@ -116,7 +119,10 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
         }
     }
     if errors.is_empty() {
-        Ok(Config { services })
+        Ok(Config {
+            admin: raw.admin.listen.resolve(),
+            services,
+        })
     } else {
         errors.sort_by_key(|e| e.position);
         Err(ConfigErrors(errors))

@@ -4,15 +4,17 @@ use std::io;
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Proxy, copy};
-use crate::snapshot::BackendId;
+use crate::snapshot::{Backend, BackendId};
 
 /// Backends tried per connection: the first pick and up to two more.
 const CONNECT_ATTEMPTS: usize = 3;
 
 pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
     let Some(pool) = proxy.snapshots.ready_pool(service).await else {
         debug!(service, %peer, "no ready backend; closing client");
         return;
@@ -25,36 +27,44 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
         tried[attempt] = backend.id;
         // Counted from the pick, not from the connect, so a draining worker is not
         // stopped while a connection that picked it is still connecting.
-        let active = backend.stats.track();
+        let active = backend.track();
         let connect =
             tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr)).await;
         let upstream = match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
             Ok(stream) => stream,
             Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
-                report_down(proxy, backend.id, &backend.stats);
+                backend.metrics.connect_errors_total.inc();
+                report_down(proxy, backend);
                 drop(active);
                 continue;
             }
         };
+        backend.metrics.connections_total.inc();
         // Small writes (a request line, a keystroke) go out at once, as on a direct connection.
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let idle = pool.timeouts.idle;
+        let counters = copy::Counters {
+            to_backend: &pool.metrics.bytes_in,
+            to_client: &pool.metrics.bytes_out,
+        };
         tokio::select! {
-            result = copy::bidirectional(client, upstream, idle) => match result {
-                Ok((up, down)) => debug!(service, backend = %backend.label, up, down, "connection closed"),
+            result = copy::bidirectional(client, upstream, pool.timeouts.idle, counters) => match result {
+                Ok(()) => debug!(service, backend = %backend.label, "connection closed"),
                 Err(err) => debug!(service, backend = %backend.label, %err, "connection ended"),
             },
             () = backend.close.cancelled() => debug!(service, backend = %backend.label, "connection closed: backend drained or lb stopping"),
         }
+        pool.metrics
+            .connection_duration
+            .observe(started.elapsed().as_secs_f64());
         return;
     }
     debug!(service, %peer, "every backend tried failed; closing client");
 }
 
-fn report_down(proxy: &Proxy, id: BackendId, stats: &crate::snapshot::BackendStats) {
-    if stats.mark_down() {
-        let _ = proxy.down.send(id);
+fn report_down(proxy: &Proxy, backend: &Backend) {
+    if backend.stats.mark_down() {
+        let _ = proxy.down.send(backend.id);
     }
 }

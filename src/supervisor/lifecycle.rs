@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::service::{ServiceState, StaticBackend, Worker, worker_backend};
 use super::stop::Phase;
 use super::{Event, ExitStatus, Place, Supervisor, WorkerState, probe, worker};
-use crate::config::ServiceConfig;
+use crate::config::{BackendSpec, ServiceConfig};
 use crate::snapshot::BackendId;
 
 /// How often a starting worker's port is tried.
@@ -22,16 +22,18 @@ const STATIC_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 impl Supervisor {
     /// The state for a new service, its static backends included; no worker runs yet.
     pub(super) fn new_service(&mut self, config: ServiceConfig) -> ServiceState {
-        let mut svc = ServiceState::new(config);
+        let mut svc = ServiceState::new(config, &self.metrics);
         for spec in svc.config.backends.clone() {
-            let id = self.new_id();
-            svc.statics.push(StaticBackend::new(
-                &spec,
-                id,
-                self.proxy.connections.child_token(),
-            ));
+            let backend = self.static_backend(&svc.config.name, &spec);
+            svc.statics.push(backend);
         }
         svc
+    }
+
+    pub(super) fn static_backend(&mut self, service: &str, spec: &BackendSpec) -> StaticBackend {
+        let id = self.new_id();
+        let metrics = self.metrics.backend(service, &spec.label);
+        StaticBackend::new(spec, id, self.proxy.connections.child_token(), metrics)
     }
 
     /// Starts the worker of an empty slot; an error names the worker.
@@ -70,7 +72,7 @@ impl Supervisor {
             .as_ref()
             .expect("slots exist only with workers");
         let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
-        let backend = worker_backend(id, &svc.config.name, slot, addr, close);
+        let backend = worker_backend(id, &svc.config.name, slot, addr, close, &self.metrics);
         let identity = worker::Identity {
             service: &svc.config.name,
             slot,
@@ -136,6 +138,10 @@ impl Supervisor {
             let delay = s.backoff.after_exit(uptime);
             s.restarts += 1;
             s.idle_state = WorkerState::Backoff;
+            self.metrics
+                .worker_restarts_total
+                .with_label_values(&[&name, &slot.to_string(), "crash"])
+                .inc();
             warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
             self.after(
                 delay,

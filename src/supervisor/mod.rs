@@ -11,10 +11,12 @@
 //! (applying a changed config) and `stop.rs` (lb's own graceful stop).
 
 mod backoff;
+mod command;
 mod lifecycle;
 mod probe;
 mod reap;
 mod reload;
+mod report;
 mod retire;
 mod rollout;
 mod service;
@@ -35,11 +37,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::info;
 
+pub use command::{CommandError, Reply};
 pub use reap::ExitStatus;
 pub use state::WorkerState;
 pub use watchdog::serve as serve_watchdog;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::snapshot::{BackendId, Snapshot, Snapshots};
 use retire::Retiring;
@@ -57,10 +61,18 @@ pub enum Event {
     Probe { id: BackendId, ok: bool },
     /// A crashed worker's backoff delay has passed.
     RestartDue { service: String, slot: usize },
-    /// SIGHUP: re-read the config and apply the difference.
-    Reload,
-    /// SIGUSR2: re-read the config and replace every worker, one at a time.
-    Restart,
+    /// SIGHUP or `POST /reload`: re-read the config and apply the difference.
+    Reload { reply: Option<Reply> },
+    /// SIGUSR2 or `POST /restart`: re-read the config and replace every worker of one
+    /// service, or of all, one at a time; the reply comes when the rollout ends.
+    Restart {
+        service: Option<String>,
+        reply: Option<Reply>,
+    },
+    /// `GET /status`.
+    Status {
+        reply: tokio::sync::oneshot::Sender<crate::admin::status::Status>,
+    },
     /// SIGTERM/SIGINT; a second one, or `fast`, stops at once.
     Stop { fast: bool },
     /// lb is stopping: open connections finished, or the drain deadline passed.
@@ -96,6 +108,8 @@ enum Place {
 
 pub struct Supervisor {
     config_path: PathBuf,
+    /// The admin address lb started with (it does not move on reload).
+    admin: Option<SocketAddr>,
     services: Vec<ServiceState>,
     /// Workers out of rotation, draining their connections or stopping.
     retiring: Vec<Retiring>,
@@ -109,6 +123,9 @@ pub struct Supervisor {
     next_id: BackendId,
     phase: Phase,
     watchdog: Watchdog,
+    metrics: Metrics,
+    /// The gauge series last exported, so series of removed slots and services go away.
+    exported: report::Exported,
 }
 
 impl Supervisor {
@@ -120,12 +137,14 @@ impl Supervisor {
         snapshots: Arc<Snapshots>,
         proxy: Proxy,
         down: mpsc::UnboundedReceiver<BackendId>,
+        metrics: Metrics,
     ) -> std::io::Result<(Self, Inbox)> {
         let (tx, events) = mpsc::unbounded_channel();
         reap::start(tx.clone())?;
         let watchdog = Watchdog::start()?;
         let mut sup = Supervisor {
             config_path,
+            admin: config.admin,
             services: Vec::new(),
             retiring: Vec::new(),
             rollout: Rollout::default(),
@@ -137,6 +156,8 @@ impl Supervisor {
             next_id: 0,
             phase: Phase::Running,
             watchdog,
+            metrics,
+            exported: report::Exported::default(),
         };
         for svc in &config.services {
             let state = sup.new_service(svc.clone());
@@ -181,10 +202,14 @@ impl Supervisor {
             Event::Exited { pid, status } => self.exited(pid, status),
             Event::Probe { id, ok } => self.probed(id, ok),
             Event::RestartDue { service, slot } => self.restart_due(&service, slot),
-            Event::Reload => {
-                self.reload();
+            Event::Reload { reply } => {
+                let result = self.reload();
+                command::answer(reply, result);
             }
-            Event::Restart => self.restart_all(),
+            Event::Restart { service, reply } => self.restart(service, reply.into_iter().collect()),
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
             Event::Stop { fast } => self.stop(fast),
             Event::Drained { timed_out } => self.drained(timed_out),
             Event::StopDeadline => self.kill_all(),
@@ -250,13 +275,15 @@ impl Supervisor {
         self.next_id
     }
 
-    /// Builds the snapshot of every service's ready backends and swaps it in.
-    fn publish(&self) {
+    /// Builds the snapshot of every service's ready backends and swaps it in, and
+    /// updates the gauges that follow worker states.
+    fn publish(&mut self) {
         let pools = self
             .services
             .iter()
             .map(|s| (s.config.name.clone(), Arc::new(s.pool())))
             .collect();
         self.snapshots.publish(Snapshot { pools });
+        self.export_gauges();
     }
 }

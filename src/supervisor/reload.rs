@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use super::Supervisor;
-use super::service::StaticBackend;
+use super::command::CommandError;
 use super::stop::Phase;
 use crate::config::{self, ServiceChange, ServiceConfig};
 use crate::proxy;
@@ -17,33 +17,39 @@ use crate::proxy;
 type Bound = Vec<(SocketAddr, TcpListener)>;
 
 impl Supervisor {
-    /// Applies the config file as it is now. Returns false, having changed nothing, if
-    /// it is invalid or one of its new addresses cannot be bound.
-    pub(super) fn reload(&mut self) -> bool {
+    /// Applies the config file as it is now and says what changed. Changes nothing if
+    /// the file is invalid or one of its new addresses cannot be bound; the error then
+    /// holds the same lines `lb check` prints.
+    pub(super) fn reload(&mut self) -> Result<String, CommandError> {
         if self.phase != Phase::Running {
-            return false;
+            return Err(CommandError::Stopping);
         }
-        let path = self.config_path.display().to_string();
-        let config = match config::load(&self.config_path) {
-            Ok(config) => config,
-            Err(errors) => {
-                for err in &errors.0 {
-                    error!("{err}");
-                }
-                warn!(%path, "reload rejected: the config has errors; nothing changed");
-                return false;
+        let result = self.apply_config_file();
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads_total.with_label_values(&[label]).inc();
+        if let Err(err) = &result {
+            for line in err.to_string().lines() {
+                error!("{line}");
             }
-        };
+            warn!(path = %self.config_path.display(), "reload rejected; nothing changed");
+        }
+        result
+    }
+
+    fn apply_config_file(&mut self) -> Result<String, CommandError> {
+        let path = self.config_path.display().to_string();
+        let config = config::load(&self.config_path)
+            .map_err(|errors| CommandError::Invalid(errors.to_string()))?;
+        if config.admin != self.admin {
+            warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
+        }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
         if diff.is_empty() {
             info!(%path, "reload: no change");
-            return true;
+            return Ok("reload: no change".to_owned());
         }
-        let Some(mut bound) = bind_new(&diff) else {
-            warn!(%path, "reload rejected: a new listen address could not be bound; nothing changed");
-            return false;
-        };
+        let mut bound = bind_new(&diff).map_err(CommandError::Invalid)?;
         let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
         for name in &diff.removed {
             self.remove_service(name);
@@ -60,7 +66,9 @@ impl Supervisor {
         info!(%path, added, removed, changed, "reload applied");
         // Replacing goes on (or starts) only now that every service has its new settings.
         self.roll(Vec::new());
-        true
+        Ok(format!(
+            "reload applied: {added} services added, {removed} removed, {changed} changed"
+        ))
     }
 
     fn remove_service(&mut self, name: &str) {
@@ -122,8 +130,7 @@ impl Supervisor {
             svc.config = config;
         }
         for spec in &change.backends_added {
-            let id = self.new_id();
-            let backend = StaticBackend::new(spec, id, self.proxy.connections.child_token());
+            let backend = self.static_backend(&name, spec);
             self.services[si].statics.push(backend);
         }
         self.serve(si, listeners);
@@ -173,7 +180,7 @@ impl Supervisor {
 }
 
 /// Binds every address the reload adds, or none.
-fn bind_new(diff: &config::Diff) -> Option<HashMap<String, Bound>> {
+fn bind_new(diff: &config::Diff) -> Result<HashMap<String, Bound>, String> {
     let wanted = diff
         .added
         .iter()
@@ -185,15 +192,8 @@ fn bind_new(diff: &config::Diff) -> Option<HashMap<String, Bound>> {
         );
     let mut bound = HashMap::new();
     for (name, addrs) in wanted {
-        match proxy::bind(name, &addrs) {
-            Ok(listeners) => {
-                bound.insert(name.clone(), listeners);
-            }
-            Err(err) => {
-                error!("{err:#}");
-                return None;
-            }
-        }
+        let listeners = proxy::bind(name, &addrs).map_err(|err| format!("{err:#}"))?;
+        bound.insert(name.clone(), listeners);
     }
-    Some(bound)
+    Ok(bound)
 }

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::command::{CommandError, Reply, answer};
 use super::stop::Phase;
 use super::{ExitStatus, Supervisor, WorkerState};
 use crate::snapshot::BackendId;
@@ -17,9 +18,12 @@ pub(super) struct Rollout {
     /// Slots still to replace, by service name (indexes shift when services change).
     queue: VecDeque<(String, usize)>,
     step: Option<Step>,
-    /// A SIGUSR2 arrived during this rollout: run one more when it ends.
-    again: bool,
+    /// Requests answered when this rollout finishes or halts.
+    waiters: Vec<Reply>,
+    /// Restarts requested during this rollout, coalesced into one that runs after it.
+    pending: Option<Pending>,
     started: Option<Instant>,
+    replaced: usize,
 }
 
 /// The slot being replaced now.
@@ -31,6 +35,13 @@ struct Step {
     old: Option<BackendId>,
 }
 
+/// A restart waiting for the current rollout to end; `scope` None means every service.
+#[derive(Debug)]
+struct Pending {
+    scope: Option<String>,
+    waiters: Vec<Reply>,
+}
+
 impl Rollout {
     fn active(&self) -> bool {
         self.step.is_some() || !self.queue.is_empty()
@@ -38,25 +49,47 @@ impl Rollout {
 }
 
 impl Supervisor {
-    /// SIGUSR2: re-read the config, then replace every worker. During a rollout, the
-    /// request is coalesced: one more full rollout runs after the current one.
-    pub(super) fn restart_all(&mut self) {
+    /// SIGUSR2 and `POST /restart`: re-read the config, then replace every worker of
+    /// `scope` (one service, or all). During a rollout the request is coalesced: one
+    /// more rollout runs after the current one. `waiters` are answered when it ends.
+    pub(super) fn restart(&mut self, scope: Option<String>, waiters: Vec<Reply>) {
+        let fail = |waiters: Vec<Reply>, err: CommandError| {
+            for w in waiters {
+                answer(Some(w), Err(err.clone()));
+            }
+        };
         if self.phase != Phase::Running {
-            return;
+            return fail(waiters, CommandError::Stopping);
         }
         if self.rollout.active() {
-            self.rollout.again = true;
-            info!("rollout in progress; one more full rollout will follow it");
+            let pending = self.rollout.pending.get_or_insert(Pending {
+                scope: scope.clone(),
+                waiters: Vec::new(),
+            });
+            if pending.scope != scope {
+                pending.scope = None;
+            }
+            pending.waiters.extend(waiters);
+            info!("rollout in progress; one more rollout will follow it");
             return;
         }
-        if !self.reload() {
-            return;
+        if let Err(err) = self.reload() {
+            return fail(waiters, err);
+        }
+        let in_scope = |name: &str| scope.as_deref().is_none_or(|s| s == name);
+        if let Some(name) = scope.as_deref().filter(|n| self.service_index(n).is_none()) {
+            return fail(
+                waiters,
+                CommandError::NotFound(format!("no service named {name:?}")),
+            );
         }
         let slots: Vec<(String, usize)> = self
             .services
             .iter()
+            .filter(|s| in_scope(&s.config.name))
             .flat_map(|s| (0..s.slots.len()).map(|slot| (s.config.name.clone(), slot)))
             .collect();
+        self.rollout.waiters.extend(waiters);
         self.roll(slots);
     }
 
@@ -111,11 +144,24 @@ impl Supervisor {
             }
             return;
         }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let replaced = std::mem::take(&mut self.rollout.replaced);
         if let Some(started) = self.rollout.started.take() {
-            info!(took = ?started.elapsed(), "rollout finished");
+            info!(replaced, took = ?started.elapsed(), "rollout finished");
+            self.metrics
+                .rollouts_total
+                .with_label_values(&["finished"])
+                .inc();
         }
-        if std::mem::take(&mut self.rollout.again) {
-            self.restart_all();
+        let message = format!("rollout finished: {replaced} workers replaced");
+        for w in std::mem::take(&mut self.rollout.waiters) {
+            answer(Some(w), Ok(message.clone()));
+        }
+        if let Some(next) = self.rollout.pending.take() {
+            self.restart(next.scope, next.waiters);
         }
     }
 
@@ -138,6 +184,11 @@ impl Supervisor {
                 .clone()
                 .expect("slots exist only with workers"),
         );
+        self.metrics
+            .worker_restarts_total
+            .with_label_values(&[&name, &slot.to_string(), "rollout"])
+            .inc();
+        self.rollout.replaced += 1;
         self.publish();
         match old {
             Some(old) => {
@@ -208,10 +259,15 @@ impl Supervisor {
         }
     }
 
+    /// Stops the rollout; every request waiting on it, or on one after it, gets `reason`.
     fn halt(&mut self, reason: String) {
         let remaining = self.rollout.queue.len();
         error!(%reason, remaining, "rollout halted; the workers not yet replaced keep serving");
-        self.rollout = Rollout::default();
+        self.metrics
+            .rollouts_total
+            .with_label_values(&["halted"])
+            .inc();
+        self.end_rollout(&CommandError::Failed(format!("rollout halted: {reason}")));
     }
 
     /// lb is stopping: no more replacements.
@@ -219,6 +275,14 @@ impl Supervisor {
         if self.rollout.active() {
             warn!("rollout abandoned: lb is stopping");
         }
-        self.rollout = Rollout::default();
+        self.end_rollout(&CommandError::Stopping);
+    }
+
+    fn end_rollout(&mut self, err: &CommandError) {
+        let rollout = std::mem::take(&mut self.rollout);
+        let pending = rollout.pending.into_iter().flat_map(|p| p.waiters);
+        for w in rollout.waiters.into_iter().chain(pending) {
+            answer(Some(w), Err(err.clone()));
+        }
     }
 }

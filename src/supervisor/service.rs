@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::state::WorkerState;
 use crate::config::{BackendSpec, BackoffPolicy, ServiceConfig};
+use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
 use crate::proxy::ServiceListeners;
 use crate::snapshot::{Backend, BackendId, Pool};
 
@@ -40,6 +41,11 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// The slot's state: its worker's, or its idle state when it has none.
+    pub(super) fn state(&self) -> WorkerState {
+        self.worker.as_ref().map_or(self.idle_state, |w| w.state)
+    }
+
     pub(super) fn new(policy: BackoffPolicy) -> Self {
         Slot {
             worker: None,
@@ -60,7 +66,12 @@ pub(super) struct StaticBackend {
 }
 
 impl StaticBackend {
-    pub(super) fn new(spec: &BackendSpec, id: BackendId, close: CancellationToken) -> Self {
+    pub(super) fn new(
+        spec: &BackendSpec,
+        id: BackendId,
+        close: CancellationToken,
+        metrics: BackendMetrics,
+    ) -> Self {
         StaticBackend {
             backend: Arc::new(Backend {
                 id,
@@ -68,6 +79,7 @@ impl StaticBackend {
                 label: spec.label.as_str().into(),
                 weight: spec.weight,
                 stats: Arc::default(),
+                metrics,
                 close,
             }),
             // Like HAProxy without health checks: a configured server is up until it fails.
@@ -91,19 +103,22 @@ pub(super) struct ServiceState {
     pub slots: Vec<Slot>,
     pub statics: Vec<StaticBackend>,
     pub listeners: ServiceListeners,
+    pub metrics: Arc<ServiceMetrics>,
     /// The round-robin position, carried from pool to pool.
     cursor: Arc<AtomicUsize>,
 }
 
 impl ServiceState {
     /// A service with empty slots and no static backends yet.
-    pub(super) fn new(config: ServiceConfig) -> Self {
+    pub(super) fn new(config: ServiceConfig, metrics: &Metrics) -> Self {
         let listeners = ServiceListeners::new(&config.name, config.max_connections.get());
+        let metrics = Arc::new(metrics.service(&config.name));
         let mut svc = ServiceState {
             config,
             slots: Vec::new(),
             statics: Vec::new(),
             listeners,
+            metrics,
             cursor: Arc::default(),
         };
         svc.resize_slots();
@@ -136,6 +151,7 @@ impl ServiceState {
             workers.chain(statics).collect(),
             Arc::clone(&self.cursor),
             self.config.timeouts,
+            Arc::clone(&self.metrics),
         )
     }
 
@@ -154,6 +170,7 @@ pub(super) fn worker_backend(
     slot: usize,
     addr: SocketAddr,
     close: CancellationToken,
+    metrics: &Metrics,
 ) -> Backend {
     Backend {
         id,
@@ -161,6 +178,8 @@ pub(super) fn worker_backend(
         label: format!("{service}/{slot}").into(),
         weight: 1,
         stats: Arc::default(),
+        // The slot id, not the port: label sets stay bounded across restarts.
+        metrics: metrics.backend(service, &slot.to_string()),
         close,
     }
 }

@@ -1,8 +1,8 @@
-//! The lifecycle states of a worker slot, as `/status` and logs name them.
+//! The lifecycle states of a worker slot, as `/status`, metrics and logs name them.
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WorkerState {
     /// Spawned, not yet accepting connections: out of rotation.
     Starting,
@@ -16,14 +16,28 @@ pub enum WorkerState {
     Backoff,
 }
 
-impl fmt::Display for WorkerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl WorkerState {
+    pub const ALL: [WorkerState; 5] = [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Draining,
+        WorkerState::Stopped,
+        WorkerState::Backoff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
             WorkerState::Starting => "starting",
             WorkerState::Ready => "ready",
             WorkerState::Draining => "draining",
             WorkerState::Stopped => "stopped",
             WorkerState::Backoff => "backoff",
-        })
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }

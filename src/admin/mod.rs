@@ -1,0 +1,242 @@
+//! The admin HTTP API (contract §5) on `admin.listen`: metrics, health, status, and the
+//! reload / restart commands, answered by the supervisor. It runs beside the proxy on
+//! the same runtime, and only ever reads the snapshot or asks the supervisor: it never
+//! takes a lock on the connection path.
+
+pub mod client;
+pub mod status;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshots;
+use crate::supervisor::{CommandError, Event, Inbox};
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers need.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub inbox: Inbox,
+    pub snapshots: Arc<Snapshots>,
+    pub metrics: Metrics,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// Binds the admin address; like a listen address, failing to is a startup error.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin API: could not listen on {addr}"))
+}
+
+/// Serves the admin API until lb exits.
+pub fn serve(listener: TcpListener, admin: Admin) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                // Out of file descriptors: the proxy has priority; try again shortly.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| handle(admin.clone(), req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(err) = conn.await {
+                    debug!(%peer, %err, "admin connection ended");
+                }
+            });
+        }
+    });
+}
+
+async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let allowed = match path.as_str() {
+        "/metrics" | "/healthz" | "/status" => Method::GET,
+        "/reload" | "/restart" | "/broadcast" => Method::POST,
+        _ => {
+            return Ok(text(
+                StatusCode::NOT_FOUND,
+                "not found: see GET /status, /metrics, /healthz\n",
+            ));
+        }
+    };
+    if method != allowed {
+        let mut reply = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("use {allowed} {path}\n"),
+        );
+        reply.headers_mut().insert(
+            ALLOW,
+            allowed
+                .as_str()
+                .parse()
+                .expect("a method is a valid header value"),
+        );
+        return Ok(reply);
+    }
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(reply) => return Ok(reply),
+    };
+    Ok(match path.as_str() {
+        "/metrics" => {
+            let mut reply = text(StatusCode::OK, &admin.metrics.render());
+            reply.headers_mut().insert(
+                CONTENT_TYPE,
+                "text/plain; version=0.0.4".parse().expect("valid header"),
+            );
+            reply
+        }
+        "/healthz" => healthz(&admin),
+        "/status" => status(&admin).await,
+        "/reload" => command(&admin, |reply| Event::Reload { reply: Some(reply) }).await,
+        "/restart" => {
+            let service = param(&query, "service");
+            command(&admin, |reply| Event::Restart {
+                service,
+                reply: Some(reply),
+            })
+            .await
+        }
+        _ => broadcast(&body),
+    })
+}
+
+/// Reads the whole body, refusing more than [`MAX_BODY`] with 413.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request bodies are limited to {MAX_BODY} bytes\n"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(err) => Err(text(
+            StatusCode::BAD_REQUEST,
+            &format!("could not read the request body: {err}\n"),
+        )),
+    }
+}
+
+/// 200 when every service has a ready backend: what a container orchestrator should gate on.
+fn healthz(admin: &Admin) -> Reply {
+    let snapshot = admin.snapshots.load();
+    let mut unready: Vec<&str> = snapshot
+        .pools
+        .iter()
+        .filter(|(_, p)| p.is_empty())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if unready.is_empty() {
+        return text(StatusCode::OK, "ok\n");
+    }
+    unready.sort_unstable();
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("no ready backend: {}\n", unready.join(", ")),
+    )
+}
+
+async fn status(admin: &Admin) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if admin.inbox.send(Event::Status { reply: tx }).is_err() {
+        return stopping();
+    }
+    match rx.await {
+        Ok(status) => {
+            let json = serde_json::to_string_pretty(&status).unwrap_or_default() + "\n";
+            let mut reply = text(StatusCode::OK, &json);
+            reply.headers_mut().insert(
+                CONTENT_TYPE,
+                "application/json".parse().expect("valid header"),
+            );
+            reply
+        }
+        Err(_) => stopping(),
+    }
+}
+
+/// Sends a command to the supervisor and turns its answer into a response.
+async fn command(admin: &Admin, event: impl FnOnce(crate::supervisor::Reply) -> Event) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if admin.inbox.send(event(tx)).is_err() {
+        return stopping();
+    }
+    match rx.await {
+        Ok(Ok(message)) => text(StatusCode::OK, &format!("{message}\n")),
+        Ok(Err(err)) => {
+            let code = match err {
+                CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+                CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+                CommandError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                CommandError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            text(code, &format!("{err}\n"))
+        }
+        Err(_) => stopping(),
+    }
+}
+
+/// The message channel to workers is not built yet: say so rather than pretend.
+fn broadcast(body: &[u8]) -> Reply {
+    if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+        return text(StatusCode::BAD_REQUEST, "the body must be one JSON value\n");
+    }
+    text(
+        StatusCode::NOT_IMPLEMENTED,
+        "broadcast: the worker message channel is not built yet\n",
+    )
+}
+
+fn stopping() -> Reply {
+    text(StatusCode::SERVICE_UNAVAILABLE, "lb is stopping\n")
+}
+
+fn text(code: StatusCode, body: &str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *reply.status_mut() = code;
+    reply
+}
+
+/// The value of `key` in a query string such as `service=web`.
+fn param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_owned())
+}

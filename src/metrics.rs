@@ -1,0 +1,173 @@
+//! Prometheus metrics (contract §6). One registry owned by lb (not the global one).
+//! Label lookups happen when a backend or service is created, never per connection or
+//! per read: the connection path only increments handles resolved beforehand.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric family of the contract.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    connections_total: IntCounterVec,
+    connections_active: IntGaugeVec,
+    bytes_total: IntCounterVec,
+    connect_errors_total: IntCounterVec,
+    connection_duration: HistogramVec,
+    pub workers: IntGaugeVec,
+    pub worker_restarts_total: IntCounterVec,
+    pub reloads_total: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    messages_dropped_total: IntCounterVec,
+    /// Beyond the contract's list: rollouts by result (`finished`, `halted`), so a halted
+    /// deploy can alert.
+    pub rollouts_total: IntCounterVec,
+}
+
+/// The handles of one backend (`worker` is the slot id or the static address).
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    pub connections_total: IntCounter,
+    pub connections_active: IntGauge,
+    pub connect_errors_total: IntCounter,
+}
+
+/// The handles of one service.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub connection_duration: prometheus::Histogram,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("each metric is registered once");
+    vec
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let vec =
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("metric names and labels are valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("each metric is registered once");
+    vec
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lb_connection_duration_seconds",
+                "How long proxied connections lasted.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
+            ]),
+            &["service"],
+        )
+        .expect("metric names and labels are valid");
+        r.register(Box::new(duration.clone()))
+            .expect("each metric is registered once");
+        Metrics {
+            connections_total: counter(
+                &r,
+                "lb_connections_total",
+                "Connections proxied to a backend.",
+                &["service", "worker"],
+            ),
+            connections_active: gauge(
+                &r,
+                "lb_connections_active",
+                "Connections open to a backend now.",
+                &["service", "worker"],
+            ),
+            bytes_total: counter(
+                &r,
+                "lb_bytes_total",
+                "Bytes proxied; in = from clients, out = to clients.",
+                &["service", "direction"],
+            ),
+            connect_errors_total: counter(
+                &r,
+                "lb_connect_errors_total",
+                "Failed connects to a backend.",
+                &["service", "worker"],
+            ),
+            connection_duration: duration,
+            workers: gauge(
+                &r,
+                "lb_workers",
+                "Worker slots by state.",
+                &["service", "state"],
+            ),
+            worker_restarts_total: counter(
+                &r,
+                "lb_worker_restarts_total",
+                "Workers started again in a slot, by reason.",
+                &["service", "worker", "reason"],
+            ),
+            reloads_total: counter(
+                &r,
+                "lb_reloads_total",
+                "Config reloads, by result.",
+                &["result"],
+            ),
+            backend_up: gauge(
+                &r,
+                "lb_backend_up",
+                "1 if the backend takes connections, else 0.",
+                &["service", "worker"],
+            ),
+            messages_dropped_total: counter(
+                &r,
+                "lb_messages_dropped_total",
+                "Messages to workers dropped because a worker did not read its channel.",
+                &["service"],
+            ),
+            rollouts_total: counter(
+                &r,
+                "lb_rollouts_total",
+                "Rolling restarts, by result (finished, halted).",
+                &["result"],
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn backend(&self, service: &str, worker: &str) -> BackendMetrics {
+        let labels = [service, worker];
+        BackendMetrics {
+            connections_total: self.connections_total.with_label_values(&labels),
+            connections_active: self.connections_active.with_label_values(&labels),
+            connect_errors_total: self.connect_errors_total.with_label_values(&labels),
+        }
+    }
+
+    /// The service's handles; also makes its series visible at 0 from the start.
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        self.messages_dropped_total.with_label_values(&[service]);
+        ServiceMetrics {
+            bytes_in: self.bytes_total.with_label_values(&[service, "in"]),
+            bytes_out: self.bytes_total.with_label_values(&[service, "out"]),
+            connection_duration: self.connection_duration.with_label_values(&[service]),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
