@@ -182,7 +182,12 @@ impl Snapshots {
     /// instead of being closed at once; `None` if none appears by then, or the service
     /// is gone.
     pub async fn ready_pool(&self, service: &str) -> Option<Arc<Pool>> {
-        let mut deadline = None;
+        // The common case touches nothing shared but the ArcSwap.
+        let pool = Arc::clone(self.load().pools.get(service)?);
+        if !pool.is_empty() {
+            return Some(pool);
+        }
+        let deadline = tokio::time::Instant::now() + pool.timeouts.connect;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -191,8 +196,6 @@ impl Snapshots {
             if !pool.is_empty() {
                 return Some(pool);
             }
-            let deadline = *deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + pool.timeouts.connect);
             tokio::time::timeout_at(deadline, changed).await.ok()?;
         }
     }

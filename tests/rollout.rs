@@ -232,3 +232,70 @@ fn sigusr2_with_an_invalid_config_changes_nothing() {
     assert_eq!(lb.ready_pids(), before);
     assert_eq!(lb.started_workers().len(), 3);
 }
+
+const TWO_SLOW_STARTING: &str = r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+      ready_timeout: 2s
+      env: { START_DELAY_MS: "600" }
+"#;
+
+/// Every connection answers with the `HELLO=1` line: every worker runs the new settings.
+fn all_workers_say_hello(lb: &Lb) -> bool {
+    (0..6).all(|_| common::hello(lb.listen).is_ok_and(|l| l.starts_with("id=")))
+}
+
+#[test]
+fn a_reload_during_a_rollout_also_reaches_the_slot_being_replaced() {
+    let lb = Lb::start(TWO_SLOW_STARTING);
+    lb.wait_ready(2);
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout: replacement started");
+    lb.rewrite_config(
+        &TWO_SLOW_STARTING.replace(r#"{ START_DELAY_MS"#, r#"{ HELLO: "1", START_DELAY_MS"#),
+    );
+    lb.signal(Signal::SIGHUP);
+    lb.wait_log("rollout finished");
+    assert!(all_workers_say_hello(&lb), "{}", lb.log());
+}
+
+#[test]
+fn a_restart_requested_during_a_halting_rollout_still_runs_and_unreplaced_slots_keep_their_settings()
+ {
+    let lb = Lb::start(TWO_SLOW_STARTING);
+    lb.wait_ready(2);
+    // A bad release: it never listens.
+    lb.rewrite_config(
+        &TWO_SLOW_STARTING.replace(r#"command: ["{worker}"]"#, r#"command: ["sleep", "600"]"#),
+    );
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout: replacement started");
+    // A slot the halted rollout never reached crashes: it comes back with the settings
+    // it ran, not the bad release.
+    lb.wait_log("rollout halted");
+    let slot1 = lb.worker_pid(1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(slot1), Signal::SIGKILL)
+        .expect("kill slot 1");
+    wait_until("slot 1 back", DEADLINE, || {
+        lb.worker_pid(1) != slot1 && lb.lines("worker ready").len() >= 3
+    });
+    assert_eq!(common::echo(lb.listen, b"still up"), b"still up");
+
+    // The fix ships while a second bad rollout runs: its restart follows the halt.
+    lb.signal(Signal::SIGUSR2);
+    wait_until("second rollout started", DEADLINE, || {
+        lb.lines("rollout started").len() >= 2
+    });
+    lb.rewrite_config(
+        &TWO_SLOW_STARTING.replace(r#"{ START_DELAY_MS"#, r#"{ HELLO: "1", START_DELAY_MS"#),
+    );
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("one more rollout will follow");
+    lb.wait_log("rollout finished");
+    assert_eq!(lb.lines("rollout halted").len(), 2, "{}", lb.log());
+    assert!(all_workers_say_hello(&lb), "{}", lb.log());
+}

@@ -56,11 +56,7 @@ pub fn diff(old: &[ServiceConfig], new: &[ServiceConfig]) -> Diff {
 fn change(before: &ServiceConfig, after: &ServiceConfig) -> ServiceChange {
     let count = |s: &ServiceConfig| s.workers.as_ref().map_or(0, |w| w.count.get());
     let roll = match (&before.workers, &after.workers) {
-        (Some(b), Some(a)) => {
-            let mut b = b.clone();
-            b.count = a.count;
-            &b != a
-        }
+        (Some(b), Some(a)) => !b.same_process(a),
         _ => false,
     };
     ServiceChange {

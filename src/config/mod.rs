@@ -67,6 +67,17 @@ pub struct WorkersConfig {
     pub restart_backoff: BackoffPolicy,
 }
 
+impl WorkersConfig {
+    /// Whether a worker started with `self` runs as one started with `other` would: every
+    /// setting but `count`, which is about the service, not the process.
+    pub fn same_process(&self, other: &WorkersConfig) -> bool {
+        WorkersConfig {
+            count: other.count,
+            ..self.clone()
+        } == *other
+    }
+}
+
 /// Restart delays: `initial`, doubling per crash up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {

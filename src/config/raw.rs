@@ -7,8 +7,8 @@ use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 use super::types::{
-    AdminListen, BackendSpec, Balance, CommandSpec, DurationStr, ListenAddrs, NotSupportedYet,
-    Positive, ScalarText, ServiceName, SignalName, WorkerCount, choice,
+    AdminListen, BackendSpec, Balance, CommandSpec, ConnectionLimit, DurationStr, ListenAddrs,
+    NotSupportedYet, ScalarText, ServiceName, SignalName, WorkerCount, choice,
 };
 
 #[derive(Debug, Deserialize)]
@@ -34,7 +34,7 @@ pub(super) struct RawService {
     #[serde(default)]
     pub balance: Option<Balance>,
     #[serde(default)]
-    pub max_connections: Option<Positive>,
+    pub max_connections: Option<ConnectionLimit>,
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
     #[serde(default)]

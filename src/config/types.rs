@@ -29,13 +29,18 @@ fn shown(text: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationStr(pub Duration);
 
+/// The longest duration a setting takes. Longer ones are surely typos, and deadlines
+/// computed from them must not overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const WHAT: &str = "a duration like 250ms, 30s, 5m or 1h";
+        const WHAT: &str = "a duration like 250ms, 30s, 5m or 1h, up to 365d";
         let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
-        humantime::parse_duration(&text.0)
-            .map(DurationStr)
-            .map_err(|_| invalid(WHAT, shown(&text.0)))
+        match humantime::parse_duration(&text.0) {
+            Ok(d) if d <= MAX_DURATION => Ok(DurationStr(d)),
+            _ => Err(invalid(WHAT, shown(&text.0))),
+        }
     }
 }
 
@@ -56,6 +61,9 @@ impl WorkerCount {
     }
 }
 
+/// The most workers one service may run: far more than CPUs on any machine.
+const MAX_WORKERS: usize = 1024;
+
 impl<'de> Deserialize<'de> for WorkerCount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a positive integer or \"auto\"";
@@ -64,23 +72,28 @@ impl<'de> Deserialize<'de> for WorkerCount {
             return Ok(WorkerCount::Auto);
         }
         match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
-            Some(n) => Ok(WorkerCount::Fixed(n)),
+            Some(n) if n.get() <= MAX_WORKERS => Ok(WorkerCount::Fixed(n)),
+            Some(_) => Err(invalid(&format!("at most {MAX_WORKERS} workers"), text.0)),
             None => Err(invalid(WHAT, shown(&text.0))),
         }
     }
 }
 
-/// A positive integer such as `max_connections`.
+/// `max_connections`: a positive integer, at most [`MAX_CONNECTIONS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Positive(pub NonZeroUsize);
+pub struct ConnectionLimit(pub NonZeroUsize);
 
-impl<'de> Deserialize<'de> for Positive {
+/// Far above what one machine's file descriptors allow, and within what tokio's
+/// semaphore can count.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
+impl<'de> Deserialize<'de> for ConnectionLimit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const WHAT: &str = "a positive integer";
+        const WHAT: &str = "a positive integer up to 16777216";
         let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
         match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
-            Some(n) => Ok(Positive(n)),
-            None => Err(invalid(WHAT, shown(&text.0))),
+            Some(n) if n.get() <= MAX_CONNECTIONS => Ok(ConnectionLimit(n)),
+            _ => Err(invalid(WHAT, shown(&text.0))),
         }
     }
 }

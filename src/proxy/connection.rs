@@ -7,21 +7,22 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Proxy, copy};
+use super::{Shared, copy};
 use crate::snapshot::{Backend, BackendId};
 
 /// Backends tried per connection: the first pick and up to two more.
 const CONNECT_ATTEMPTS: usize = 3;
 
-pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(proxy: &Shared, service: &str, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
-    let Some(pool) = proxy.snapshots.ready_pool(service).await else {
-        debug!(service, %peer, "no ready backend; closing client");
-        return;
-    };
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
     for attempt in 0..CONNECT_ATTEMPTS {
-        let Some(backend) = pool.pick(&tried[..attempt]) else {
+        // Each try reads the newest snapshot, so a retry right after a rollout's swap
+        // finds the new worker rather than only the old one.
+        let Some(pool) = proxy.snapshots.ready_pool(service).await else {
+            break;
+        };
+        let Some(backend) = pool.pick(&tried[..attempt]).cloned() else {
             break;
         };
         tried[attempt] = backend.id;
@@ -35,7 +36,7 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
             Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
                 backend.metrics.connect_errors_total.inc();
-                report_down(proxy, backend);
+                report_down(proxy, &backend);
                 drop(active);
                 continue;
             }
@@ -60,10 +61,10 @@ pub(super) async fn handle(proxy: &Proxy, service: &str, client: TcpStream, peer
             .observe(started.elapsed().as_secs_f64());
         return;
     }
-    debug!(service, %peer, "every backend tried failed; closing client");
+    debug!(service, %peer, "no backend could be reached; closing client");
 }
 
-fn report_down(proxy: &Proxy, backend: &Backend) {
+fn report_down(proxy: &Shared, backend: &Backend) {
     if backend.stats.mark_down() {
         let _ = proxy.down.send(backend.id);
     }

@@ -46,10 +46,10 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
         match accepted {
             Ok((client, peer)) => {
                 starved = false;
-                let proxy2 = proxy.clone();
+                let shared = Arc::clone(&proxy.shared);
                 let service = service.clone();
                 proxy.tracker.spawn(async move {
-                    connection::handle(&proxy2, &service, client, peer).await;
+                    connection::handle(&shared, &service, client, peer).await;
                     drop(permit);
                 });
             }

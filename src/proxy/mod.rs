@@ -20,12 +20,11 @@ use crate::snapshot::{BackendId, Snapshots};
 /// Pending connections the kernel holds per listener; the usual Linux `somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// What every accept loop and connection task shares.
+/// What every accept loop shares.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    snapshots: Arc<Snapshots>,
-    /// Backends a connect failed on, for the supervisor to take out of rotation.
-    down: mpsc::UnboundedSender<BackendId>,
+    /// What connection tasks need; one reference count per connection, no lock.
+    shared: Arc<Shared>,
     /// Cancelled to stop every accept loop (graceful stop); each loop has a child token.
     pub accept: CancellationToken,
     /// Cancelled to close every proxied connection (drain deadline, or a second signal);
@@ -35,11 +34,18 @@ pub struct Proxy {
     pub tracker: TaskTracker,
 }
 
+/// What a connection task reads.
+#[derive(Debug)]
+struct Shared {
+    snapshots: Arc<Snapshots>,
+    /// Backends a connect failed on, for the supervisor to take out of rotation.
+    down: mpsc::UnboundedSender<BackendId>,
+}
+
 impl Proxy {
     pub fn new(snapshots: Arc<Snapshots>, down: mpsc::UnboundedSender<BackendId>) -> Self {
         Proxy {
-            snapshots,
-            down,
+            shared: Arc::new(Shared { snapshots, down }),
             accept: CancellationToken::new(),
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -28,7 +28,7 @@ impl Backoff {
             self.next = self.policy.initial;
         }
         let delay = self.next;
-        self.next = (self.next * 2).min(self.policy.max);
+        self.next = self.next.saturating_mul(2).min(self.policy.max);
         delay
     }
 }

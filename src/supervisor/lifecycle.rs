@@ -1,6 +1,9 @@
 //! A worker's own life: started in its slot, probed until ready, taken out of rotation
 //! when a connect fails, and restarted with backoff when it exits unasked.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -8,26 +11,31 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::service::{ServiceState, StaticBackend, Worker, worker_backend};
+use super::service::{ServiceState, Slot, StaticBackend, Worker, worker_backend};
 use super::stop::Phase;
 use super::{Event, ExitStatus, Place, Supervisor, WorkerState, probe, worker};
-use crate::config::{BackendSpec, ServiceConfig};
+use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::snapshot::BackendId;
 
 /// How often a starting worker's port is tried.
-const READY_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+const READY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a backend that refused a connection is tried again.
+const RECHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a static backend that refused a connection is tried again.
-const STATIC_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const STATIC_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Supervisor {
-    /// The state for a new service, its static backends included; no worker runs yet.
-    pub(super) fn new_service(&mut self, config: ServiceConfig) -> ServiceState {
+    /// Adds a service with its static backends and empty slots; no worker runs yet.
+    pub(super) fn add_service_state(&mut self, config: ServiceConfig) -> usize {
         let mut svc = ServiceState::new(config, &self.metrics);
         for spec in svc.config.backends.clone() {
             let backend = self.static_backend(&svc.config.name, &spec);
             svc.statics.push(backend);
         }
-        svc
+        self.services.push(svc);
+        let si = self.services.len() - 1;
+        self.add_slots(si);
+        si
     }
 
     pub(super) fn static_backend(&mut self, service: &str, spec: &BackendSpec) -> StaticBackend {
@@ -36,11 +44,27 @@ impl Supervisor {
         StaticBackend::new(spec, id, self.proxy.connections.child_token(), metrics)
     }
 
-    /// Starts the worker of an empty slot; an error names the worker.
+    /// Adds empty slots up to the configured count (the caller fills them).
+    pub(super) fn add_slots(&mut self, si: usize) {
+        let Some(cfg) = self.services[si].config.workers.clone() else {
+            return;
+        };
+        let cfg = Arc::new(cfg);
+        while self.services[si].slots.len() < cfg.count.get() {
+            let id = self.new_id();
+            self.services[si]
+                .slots
+                .push(Slot::new(id, Arc::clone(&cfg)));
+        }
+    }
+
+    /// Starts the worker of an empty slot with the slot's settings; an error names the
+    /// worker.
     pub(super) fn start_slot(&mut self, si: usize, slot: usize) -> anyhow::Result<()> {
         let name = self.services[si].config.name.clone();
+        let cfg = Arc::clone(&self.services[si].slots[slot].config);
         let worker = self
-            .spawn_worker(si, slot)
+            .spawn_worker(si, slot, cfg)
             .with_context(|| format!("starting worker {name}/{slot}"))?;
         self.services[si].slots[slot].worker = Some(worker);
         Ok(())
@@ -49,38 +73,56 @@ impl Supervisor {
     /// Starts the worker of an empty slot, or schedules another try with backoff.
     pub(super) fn start_or_backoff(&mut self, si: usize, slot: usize) {
         if let Err(err) = self.start_slot(si, slot) {
-            let s = &mut self.services[si].slots[slot];
-            let delay = s.backoff.after_exit(std::time::Duration::ZERO);
-            s.idle_state = WorkerState::Backoff;
             let service = self.services[si].config.name.clone();
+            let delay = self.restart_later(si, slot, Duration::ZERO);
             warn!(%service, worker = slot, err = format!("{err:#}"), restart_in = ?delay, "worker could not be started");
-            self.after(delay, Event::RestartDue { service, slot });
         }
     }
 
-    /// Spawns a worker process for a slot with the service's current settings, and
-    /// starts probing its port.
-    pub(super) fn spawn_worker(&mut self, si: usize, slot: usize) -> std::io::Result<Worker> {
+    /// Marks the slot as backing off and sets the timer that restarts it; `uptime` is
+    /// how long its last worker ran (a healthy run resets the backoff). Returns the delay.
+    pub(super) fn restart_later(&mut self, si: usize, slot: usize, uptime: Duration) -> Duration {
+        let service = self.services[si].config.name.clone();
+        let s = &mut self.services[si].slots[slot];
+        let delay = s.backoff.after_exit(uptime);
+        s.idle_state = WorkerState::Backoff;
+        let slot_id = s.id;
+        self.after(
+            delay,
+            Event::RestartDue {
+                service,
+                slot,
+                slot_id,
+            },
+        );
+        delay
+    }
+
+    /// Spawns a worker process for a slot with `cfg`, and starts probing its port.
+    pub(super) fn spawn_worker(
+        &mut self,
+        si: usize,
+        slot: usize,
+        cfg: Arc<WorkersConfig>,
+    ) -> std::io::Result<Worker> {
         let in_use = self.processes().map(|w| w.backend.addr.port()).collect();
         let port = worker::free_port(&in_use)?;
         let id = self.new_id();
         let close = self.proxy.connections.child_token();
-        let svc = &self.services[si];
-        let cfg = svc
-            .config
-            .workers
-            .as_ref()
-            .expect("slots exist only with workers");
+        let name = &self.services[si].config.name;
         let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
-        let backend = worker_backend(id, &svc.config.name, slot, addr, close, &self.metrics);
-        let identity = worker::Identity {
-            service: &svc.config.name,
-            slot,
-            port,
-        };
-        let pid = worker::spawn(identity, cfg, &backend.label)?;
+        let backend = worker_backend(id, name, slot, addr, close, &self.metrics);
+        let pid = worker::spawn(
+            worker::Identity {
+                service: name,
+                slot,
+                port,
+            },
+            &cfg,
+            &backend.label,
+        )?;
         self.watchdog.started(pid);
-        info!(service = %svc.config.name, worker = slot, %pid, port, "worker started");
+        info!(service = %name, worker = slot, %pid, port, "worker started");
         let probe = CancellationToken::new();
         let deadline = Instant::now() + cfg.ready_timeout;
         probe::until_up(
@@ -92,11 +134,12 @@ impl Supervisor {
             self.tx.clone(),
         );
         Ok(Worker {
-            backend: std::sync::Arc::new(backend),
+            backend: Arc::new(backend),
             pid,
             state: WorkerState::Starting,
             started: Instant::now(),
             probe,
+            config: cfg,
         })
     }
 
@@ -125,42 +168,41 @@ impl Supervisor {
             .take()
             .expect("place_of_pid found a worker");
         self.reaped(&worker);
-        let name = self.services[si].config.name.clone();
-        let (pid, uptime) = (worker.pid, worker.started.elapsed());
-        let s = &mut self.services[si].slots[slot];
-        if self.phase != Phase::Running {
-            s.idle_state = WorkerState::Stopped;
-            info!(service = %name, worker = slot, %pid, %status, "worker stopped");
-        } else if s.replacement.is_some() {
-            // Its replacement, already starting, takes the slot when ready.
-            warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
-        } else {
-            let delay = s.backoff.after_exit(uptime);
-            s.restarts += 1;
-            s.idle_state = WorkerState::Backoff;
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&[&name, &slot.to_string(), "crash"])
-                .inc();
-            warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
-            self.after(
-                delay,
-                Event::RestartDue {
-                    service: name,
-                    slot,
-                },
-            );
-        }
         if worker.state == WorkerState::Ready {
             self.publish();
         }
+        let name = self.services[si].config.name.clone();
+        let (pid, uptime) = (worker.pid, worker.started.elapsed());
+        if self.phase != Phase::Running {
+            self.services[si].slots[slot].idle_state = WorkerState::Stopped;
+            info!(service = %name, worker = slot, %pid, %status, "worker stopped");
+            return;
+        }
+        let s = &mut self.services[si].slots[slot];
+        s.restarts += 1;
+        self.metrics
+            .worker_restarts_total
+            .with_label_values(&[&name, &slot.to_string(), "crash"])
+            .inc();
+        if s.replacement.is_some() {
+            // Its replacement, already starting, takes the slot when ready.
+            s.idle_state = WorkerState::Backoff;
+            warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
+            return;
+        }
+        let delay = self.restart_later(si, slot, uptime);
+        warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
     }
 
-    pub(super) fn restart_due(&mut self, service: &str, slot: usize) {
+    pub(super) fn restart_due(&mut self, service: &str, slot: usize, slot_id: u64) {
         let Some(si) = self.service_index(service) else {
             return;
         };
-        let Some(s) = self.services[si].slots.get(slot) else {
+        let Some(s) = self.services[si]
+            .slots
+            .get(slot)
+            .filter(|s| s.id == slot_id)
+        else {
             return;
         };
         if self.phase != Phase::Running || s.worker.is_some() || s.replacement.is_some() {
@@ -178,7 +220,7 @@ impl Supervisor {
                     .worker
                     .as_ref()
                     .expect("place_of_backend found a worker");
-                let timeout = svc.config.workers.as_ref().map(|w| w.ready_timeout);
+                let timeout = worker.config.ready_timeout;
                 warn!(service = %svc.config.name, worker = slot, pid = %worker.pid, ?timeout, "worker not accepting connections within ready_timeout; killing it");
                 worker::signal_group(worker.pid, Signal::SIGKILL);
             }
@@ -213,16 +255,13 @@ impl Supervisor {
         self.publish();
     }
 
-    /// A connect to this backend failed: out of rotation until a probe reaches it.
+    /// A connect to this backend failed: out of rotation until a probe reaches it. A
+    /// worker that was serving is not killed for it: an overloaded worker drops connects
+    /// too, and killing it would lose every connection it holds.
     pub(super) fn backend_down(&mut self, id: BackendId) {
         match self.place_of_backend(id) {
             Some(Place::Current { si, slot }) => {
                 let svc = &mut self.services[si];
-                let cfg = svc
-                    .config
-                    .workers
-                    .as_ref()
-                    .expect("slots exist only with workers");
                 let worker = svc.slots[slot]
                     .worker
                     .as_mut()
@@ -234,16 +273,8 @@ impl Supervisor {
                 worker.state = WorkerState::Starting;
                 worker.probe.cancel();
                 worker.probe = CancellationToken::new();
-                let deadline = Instant::now() + cfg.ready_timeout;
                 let (addr, probe) = (worker.backend.addr, worker.probe.clone());
-                probe::until_up(
-                    id,
-                    addr,
-                    READY_PROBE_INTERVAL,
-                    Some(deadline),
-                    probe,
-                    self.tx.clone(),
-                );
+                probe::until_up(id, addr, RECHECK_INTERVAL, None, probe, self.tx.clone());
                 self.publish();
             }
             Some(Place::Static { si, index }) => {

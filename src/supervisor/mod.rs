@@ -60,7 +60,11 @@ pub enum Event {
     /// A probe of a backend finished: it accepts connections, or its deadline passed.
     Probe { id: BackendId, ok: bool },
     /// A crashed worker's backoff delay has passed.
-    RestartDue { service: String, slot: usize },
+    RestartDue {
+        service: String,
+        slot: usize,
+        slot_id: u64,
+    },
     /// SIGHUP or `POST /reload`: re-read the config and apply the difference.
     Reload { reply: Option<Reply> },
     /// SIGUSR2 or `POST /restart`: re-read the config and replace every worker of one
@@ -160,8 +164,7 @@ impl Supervisor {
             exported: report::Exported::default(),
         };
         for svc in &config.services {
-            let state = sup.new_service(svc.clone());
-            sup.services.push(state);
+            sup.add_service_state(svc.clone());
         }
         Ok((sup, tx))
     }
@@ -201,7 +204,11 @@ impl Supervisor {
         match event {
             Event::Exited { pid, status } => self.exited(pid, status),
             Event::Probe { id, ok } => self.probed(id, ok),
-            Event::RestartDue { service, slot } => self.restart_due(&service, slot),
+            Event::RestartDue {
+                service,
+                slot,
+                slot_id,
+            } => self.restart_due(&service, slot, slot_id),
             Event::Reload { reply } => {
                 let result = self.reload();
                 command::answer(reply, result);

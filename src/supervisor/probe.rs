@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::Event;
 use crate::snapshot::BackendId;
 
+/// Long enough for a busy worker's accept queue; a closed port answers at once anyway.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Tries `addr` every `interval` until a connect succeeds (sends `ok: true`), the
 /// `deadline` passes (sends `ok: false`) or `cancel` fires (sends nothing).
 pub(super) fn until_up(
@@ -25,10 +28,7 @@ pub(super) fn until_up(
     tokio::spawn(async move {
         let probe = async {
             loop {
-                let attempt = tokio::time::timeout(
-                    interval.max(Duration::from_millis(100)),
-                    TcpStream::connect(addr),
-                );
+                let attempt = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, TcpStream::connect(addr));
                 if let Ok(Ok(_)) = attempt.await {
                     return true;
                 }

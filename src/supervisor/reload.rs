@@ -45,12 +45,9 @@ impl Supervisor {
         }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
-        if diff.is_empty() {
-            info!(%path, "reload: no change");
-            return Ok("reload: no change".to_owned());
-        }
         let mut bound = bind_new(&diff).map_err(CommandError::Invalid)?;
         let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
+        let unchanged = diff.is_empty();
         for name in &diff.removed {
             self.remove_service(name);
         }
@@ -63,9 +60,15 @@ impl Supervisor {
             self.change_service(svc, change, listeners);
         }
         self.publish();
+        // Every worker not running its service's settings is replaced, now that every
+        // service has its new settings: changed ones, and slots a halted rollout left.
+        self.converge();
+        self.resume_rollout();
+        if unchanged {
+            info!(%path, "reload: no change");
+            return Ok("reload: no change".to_owned());
+        }
         info!(%path, added, removed, changed, "reload applied");
-        // Replacing goes on (or starts) only now that every service has its new settings.
-        self.roll(Vec::new());
         Ok(format!(
             "reload applied: {added} services added, {removed} removed, {changed} changed"
         ))
@@ -80,13 +83,12 @@ impl Supervisor {
         for s in &svc.statics {
             s.probe.cancel();
         }
-        let cfg = svc.config.workers.clone();
         for (slot, s) in svc.slots.into_iter().enumerate() {
             if let Some(replacement) = s.replacement {
                 self.discard(name, slot, replacement);
             }
-            if let (Some(worker), Some(cfg)) = (s.worker, &cfg) {
-                self.retire(name, slot, worker, cfg, "removed");
+            if let Some(worker) = s.worker {
+                self.retire(name, slot, worker, "removed");
             }
         }
         self.rollout_forget(name, 0);
@@ -97,9 +99,7 @@ impl Supervisor {
     }
 
     fn add_service(&mut self, config: ServiceConfig, listeners: Bound) {
-        let state = self.new_service(config);
-        self.services.push(state);
-        let si = self.services.len() - 1;
+        let si = self.add_service_state(config);
         for slot in 0..self.services[si].slots.len() {
             self.start_or_backoff(si, slot);
         }
@@ -112,59 +112,49 @@ impl Supervisor {
             return;
         };
         let name = config.name.clone();
-        let old_workers = self.services[si].config.workers.clone();
-        {
-            let svc = &mut self.services[si];
-            svc.listeners.set_limit(config.max_connections.get());
-            for addr in &change.listen_removed {
-                svc.listeners.close(addr);
-                info!(service = %name, %addr, "stopped listening");
-            }
-            svc.statics.retain(|s| {
-                let keep = !change.backends_removed.contains(&s.spec());
-                if !keep {
-                    s.probe.cancel();
-                }
-                keep
-            });
-            svc.config = config;
+        let svc = &mut self.services[si];
+        svc.listeners.set_limit(config.max_connections.get());
+        for addr in &change.listen_removed {
+            svc.listeners.close(addr);
+            info!(service = %name, %addr, "stopped listening");
         }
+        svc.statics.retain(|s| {
+            let keep = !change.backends_removed.contains(&s.spec());
+            if !keep {
+                s.probe.cancel();
+            }
+            keep
+        });
+        svc.config = config;
         for spec in &change.backends_added {
             let backend = self.static_backend(&name, spec);
             self.services[si].statics.push(backend);
         }
         self.serve(si, listeners);
         let (from, to) = change.count;
-        if let Some(cfg) = old_workers.filter(|_| to < from) {
-            self.scale_down(si, to, &cfg);
-        }
-        self.services[si].resize_slots();
+        self.scale_down(si, to);
+        self.add_slots(si);
         for slot in from..to {
             self.start_or_backoff(si, slot);
         }
-        if change.roll {
-            let svc = &mut self.services[si];
-            if let Some(cfg) = &svc.config.workers {
-                for s in &mut svc.slots {
-                    s.backoff = super::backoff::Backoff::new(cfg.restart_backoff);
-                }
-            }
-            self.queue_rollout((0..from.min(to)).map(|slot| (name.clone(), slot)).collect());
-        }
-        info!(service = %name, workers = ?change.count, roll = change.roll, "service changed");
+        info!(service = %name, workers = ?change.count, settings_changed = change.roll, "service changed");
     }
 
     /// Drains and stops the slots from `count` up, highest first.
-    fn scale_down(&mut self, si: usize, count: usize, cfg: &config::WorkersConfig) {
+    fn scale_down(&mut self, si: usize, count: usize) {
         let name = self.services[si].config.name.clone();
         while self.services[si].slots.len() > count {
             let slot = self.services[si].slots.len() - 1;
             let s = self.services[si].slots.pop().expect("len > count >= 0");
+            self.metrics
+                .worker_restarts_total
+                .with_label_values(&[&name, &slot.to_string(), "scale"])
+                .inc();
             if let Some(replacement) = s.replacement {
                 self.discard(&name, slot, replacement);
             }
             if let Some(worker) = s.worker {
-                self.retire(&name, slot, worker, cfg, "scale");
+                self.retire(&name, slot, worker, "scale");
             }
         }
         self.rollout_forget(&name, count);

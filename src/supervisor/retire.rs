@@ -11,7 +11,6 @@ use tracing::{info, warn};
 
 use super::service::Worker;
 use super::{Event, ExitStatus, Inbox, Place, Supervisor, WorkerState, worker};
-use crate::config::WorkersConfig;
 use crate::snapshot::{BackendId, BackendStats};
 
 /// How often a draining worker's open connections are counted.
@@ -23,8 +22,6 @@ pub(super) struct Retiring {
     pub service: String,
     pub slot: usize,
     pub worker: Worker,
-    pub stop_signal: Signal,
-    pub stop_timeout: Duration,
     /// Why it retires, for the logs: `rollout`, `scale`, `removed`, `failed`.
     pub reason: &'static str,
     pub since: Instant,
@@ -40,20 +37,22 @@ impl Supervisor {
         service: &str,
         slot: usize,
         mut worker: Worker,
-        cfg: &WorkersConfig,
         reason: &'static str,
     ) {
         worker.state = WorkerState::Draining;
         worker.probe.cancel();
         let stats = Arc::clone(&worker.backend.stats);
         info!(%service, worker = slot, pid = %worker.pid, %reason, connections = stats.active(), "worker out of rotation, draining");
-        watch_drain(stats, cfg.drain_timeout, worker.backend.id, self.tx.clone());
+        watch_drain(
+            stats,
+            worker.config.drain_timeout,
+            worker.backend.id,
+            self.tx.clone(),
+        );
         self.retiring.push(Retiring {
             service: service.to_owned(),
             slot,
             worker,
-            stop_signal: cfg.stop_signal,
-            stop_timeout: cfg.stop_timeout,
             reason,
             since: Instant::now(),
             stopping: false,
@@ -69,8 +68,6 @@ impl Supervisor {
             service: service.to_owned(),
             slot,
             worker,
-            stop_signal: Signal::SIGKILL,
-            stop_timeout: Duration::ZERO,
             reason: "failed",
             since: Instant::now(),
             stopping: true,
@@ -93,9 +90,9 @@ impl Supervisor {
             info!(%service, worker = slot, %pid, took = ?r.since.elapsed(), "worker drained");
         }
         r.worker.backend.close.cancel();
-        worker::signal_group(pid, r.stop_signal);
+        worker::signal_group(pid, r.worker.config.stop_signal);
         r.stopping = true;
-        let stop_timeout = r.stop_timeout;
+        let stop_timeout = r.worker.config.stop_timeout;
         self.after(stop_timeout, Event::RetireDeadline { id });
     }
 
@@ -120,6 +117,9 @@ impl Supervisor {
 fn watch_drain(stats: Arc<BackendStats>, timeout: Duration, id: BackendId, tx: Inbox) {
     tokio::spawn(async move {
         let deadline = Instant::now() + timeout;
+        // One poll period first: a connection that picked this worker from the previous
+        // snapshot counts itself an instant after the swap.
+        tokio::time::sleep(DRAIN_POLL.min(timeout)).await;
         while stats.active() > 0 && Instant::now() < deadline {
             tokio::time::sleep(DRAIN_POLL.min(deadline - Instant::now())).await;
         }

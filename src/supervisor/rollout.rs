@@ -1,13 +1,16 @@
-//! Rolling replacement, one slot at a time: start the replacement on a new port, wait
-//! until it is ready, swap it into rotation in place of the old worker, let the old one
-//! drain and stop, and only then the next slot. A replacement that fails halts the
-//! rollout; the workers not yet replaced keep serving.
+//! Rolling replacement, one slot at a time: start the replacement on a new port with the
+//! service's current settings, wait until it is ready, swap it into rotation in place of
+//! the old worker, let the old one drain and stop, and only then the next slot. A
+//! replacement that fails halts the rollout; the slots not yet replaced keep their
+//! workers and their settings.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::backoff::Backoff;
 use super::command::{CommandError, Reply, answer};
 use super::stop::Phase;
 use super::{ExitStatus, Supervisor, WorkerState};
@@ -51,7 +54,8 @@ impl Rollout {
 impl Supervisor {
     /// SIGUSR2 and `POST /restart`: re-read the config, then replace every worker of
     /// `scope` (one service, or all). During a rollout the request is coalesced: one
-    /// more rollout runs after the current one. `waiters` are answered when it ends.
+    /// more rollout runs after the current one ends, even if that one halts (the next
+    /// may carry the fix). `waiters` are answered when their rollout ends.
     pub(super) fn restart(&mut self, scope: Option<String>, waiters: Vec<Reply>) {
         let fail = |waiters: Vec<Reply>, err: CommandError| {
             for w in waiters {
@@ -76,13 +80,13 @@ impl Supervisor {
         if let Err(err) = self.reload() {
             return fail(waiters, err);
         }
-        let in_scope = |name: &str| scope.as_deref().is_none_or(|s| s == name);
         if let Some(name) = scope.as_deref().filter(|n| self.service_index(n).is_none()) {
             return fail(
                 waiters,
                 CommandError::NotFound(format!("no service named {name:?}")),
             );
         }
+        let in_scope = |name: &str| scope.as_deref().is_none_or(|s| s == name);
         let slots: Vec<(String, usize)> = self
             .services
             .iter()
@@ -90,26 +94,40 @@ impl Supervisor {
             .flat_map(|s| (0..s.slots.len()).map(|slot| (s.config.name.clone(), slot)))
             .collect();
         self.rollout.waiters.extend(waiters);
-        self.roll(slots);
-    }
-
-    /// Queues slots for replacement and starts replacing if idle.
-    pub(super) fn roll(&mut self, slots: Vec<(String, usize)>) {
         self.queue_rollout(slots);
-        if self.rollout.step.is_none() {
-            self.advance();
-        }
+        self.resume_rollout();
     }
 
-    /// Queues slots for replacement without starting (a reload applies everything first).
-    pub(super) fn queue_rollout(&mut self, slots: Vec<(String, usize)>) {
+    /// Queues every slot whose worker runs other settings than its service's (after a
+    /// reload, or a halted rollout), and gives idle slots the new settings directly.
+    pub(super) fn converge(&mut self) {
+        let mut stale = Vec::new();
+        for svc in &mut self.services {
+            let Some(target) = &svc.config.workers else {
+                continue;
+            };
+            for (slot, s) in svc.slots.iter_mut().enumerate() {
+                let replacing = s
+                    .replacement
+                    .as_ref()
+                    .is_some_and(|r| r.config.same_process(target));
+                if s.config.same_process(target) || replacing {
+                    continue;
+                }
+                if s.worker.is_none() && s.replacement.is_none() {
+                    s.config = Arc::new(target.clone());
+                } else {
+                    stale.push((svc.config.name.clone(), slot));
+                }
+            }
+        }
+        self.queue_rollout(stale);
+    }
+
+    /// Queues slots for replacement; [`Self::resume_rollout`] starts them.
+    fn queue_rollout(&mut self, slots: Vec<(String, usize)>) {
         for item in slots {
-            let current = self
-                .rollout
-                .step
-                .as_ref()
-                .is_some_and(|s| (&s.service, s.slot) == (&item.0, item.1));
-            if !current && !self.rollout.queue.contains(&item) {
+            if !self.rollout.queue.contains(&item) {
                 self.rollout.queue.push_back(item);
             }
         }
@@ -119,16 +137,26 @@ impl Supervisor {
         }
     }
 
+    /// Starts the next replacement unless one is under way.
+    pub(super) fn resume_rollout(&mut self) {
+        if self.rollout.step.is_none() {
+            self.advance();
+        }
+    }
+
     /// Starts the replacement for the next queued slot, or ends the rollout.
     fn advance(&mut self) {
         while let Some((service, slot)) = self.rollout.queue.pop_front() {
             let Some(si) = self.service_index(&service) else {
                 continue;
             };
+            let Some(cfg) = self.services[si].config.workers.clone() else {
+                continue;
+            };
             if slot >= self.services[si].slots.len() {
                 continue;
             }
-            match self.spawn_worker(si, slot) {
+            match self.spawn_worker(si, slot, Arc::new(cfg)) {
                 Ok(worker) => {
                     info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement started");
                     self.services[si].slots[slot].replacement = Some(worker);
@@ -169,21 +197,20 @@ impl Supervisor {
     /// that takes the old worker out of rotation.
     pub(super) fn replacement_ready(&mut self, si: usize, slot: usize) {
         let svc = &mut self.services[si];
-        let mut new = svc.slots[slot]
+        let name = svc.config.name.clone();
+        let s = &mut svc.slots[slot];
+        let mut new = s
             .replacement
             .take()
             .expect("place_of_backend found a replacement");
         new.state = WorkerState::Ready;
         new.backend.stats.mark_up();
-        info!(service = %svc.config.name, worker = slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
-        let old = svc.slots[slot].worker.replace(new);
-        let (name, cfg) = (
-            svc.config.name.clone(),
-            svc.config
-                .workers
-                .clone()
-                .expect("slots exist only with workers"),
-        );
+        info!(service = %name, worker = slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
+        if new.config.restart_backoff != s.config.restart_backoff {
+            s.backoff = Backoff::new(new.config.restart_backoff);
+        }
+        s.config = Arc::clone(&new.config);
+        let old = s.worker.replace(new);
         self.metrics
             .worker_restarts_total
             .with_label_values(&[&name, &slot.to_string(), "rollout"])
@@ -195,7 +222,7 @@ impl Supervisor {
                 if let Some(step) = &mut self.rollout.step {
                     step.old = Some(old.backend.id);
                 }
-                self.retire(&name, slot, old, &cfg, "rollout");
+                self.retire(&name, slot, old, "rollout");
             }
             None => {
                 self.rollout.step = None;
@@ -209,8 +236,8 @@ impl Supervisor {
             let name = self.services[si].config.name.clone();
             self.discard(&name, slot, worker);
         }
-        self.halt(reason);
         self.refill(si, slot);
+        self.halt(reason);
     }
 
     pub(super) fn replacement_exited(&mut self, si: usize, slot: usize, status: ExitStatus) {
@@ -220,16 +247,18 @@ impl Supervisor {
             .expect("place_of_pid found a replacement");
         self.reaped(&worker);
         let name = &self.services[si].config.name;
-        self.halt(format!(
-            "replacement for {name}/{slot} exited ({status}) before it was ready"
-        ));
+        let reason = format!("replacement for {name}/{slot} exited ({status}) before it was ready");
         self.refill(si, slot);
+        self.halt(reason);
     }
 
-    /// A slot whose old worker died while its replacement failed is restarted as usual.
+    /// A slot whose old worker died while its replacement failed restarts as after a
+    /// crash, with backoff and its own settings.
     fn refill(&mut self, si: usize, slot: usize) {
         if self.services[si].slots[slot].worker.is_none() && self.phase == Phase::Running {
-            self.start_or_backoff(si, slot);
+            let delay = self.restart_later(si, slot, std::time::Duration::ZERO);
+            let service = &self.services[si].config.name;
+            warn!(%service, worker = slot, restart_in = ?delay, "slot left without a worker; restarting it");
         }
     }
 
@@ -259,7 +288,7 @@ impl Supervisor {
         }
     }
 
-    /// Stops the rollout; every request waiting on it, or on one after it, gets `reason`.
+    /// Stops the rollout and fails its waiters; a restart requested meanwhile still runs.
     fn halt(&mut self, reason: String) {
         let remaining = self.rollout.queue.len();
         error!(%reason, remaining, "rollout halted; the workers not yet replaced keep serving");
@@ -267,22 +296,25 @@ impl Supervisor {
             .rollouts_total
             .with_label_values(&["halted"])
             .inc();
-        self.end_rollout(&CommandError::Failed(format!("rollout halted: {reason}")));
+        let rollout = std::mem::take(&mut self.rollout);
+        let err = CommandError::Failed(format!("rollout halted: {reason}"));
+        for w in rollout.waiters {
+            answer(Some(w), Err(err.clone()));
+        }
+        if let Some(next) = rollout.pending {
+            self.restart(next.scope, next.waiters);
+        }
     }
 
-    /// lb is stopping: no more replacements.
+    /// lb is stopping: no more replacements; everyone waiting is told so.
     pub(super) fn rollout_abort(&mut self) {
         if self.rollout.active() {
             warn!("rollout abandoned: lb is stopping");
         }
-        self.end_rollout(&CommandError::Stopping);
-    }
-
-    fn end_rollout(&mut self, err: &CommandError) {
         let rollout = std::mem::take(&mut self.rollout);
         let pending = rollout.pending.into_iter().flat_map(|p| p.waiters);
         for w in rollout.waiters.into_iter().chain(pending) {
-            answer(Some(w), Err(err.clone()));
+            answer(Some(w), Err(CommandError::Stopping));
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::state::WorkerState;
-use crate::config::{BackendSpec, BackoffPolicy, ServiceConfig};
+use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
 use crate::proxy::ServiceListeners;
 use crate::snapshot::{Backend, BackendId, Pool};
@@ -25,12 +25,21 @@ pub(super) struct Worker {
     pub started: Instant,
     /// Stops this worker's readiness probe when it exits or is stopped.
     pub probe: CancellationToken,
+    /// The settings it was started with; it drains and stops by them too.
+    pub config: Arc<WorkersConfig>,
 }
 
 /// One of `count` worker positions; keeps its id, backoff and restart count across
 /// the processes that fill it.
 #[derive(Debug)]
 pub(super) struct Slot {
+    /// Unique for the life of lb, so a timer set for a slot that was removed (and maybe
+    /// re-created at the same index) is recognised as stale.
+    pub id: u64,
+    /// The settings this slot's worker runs, and a crashed one restarts with. A rollout
+    /// moves it to the service's settings; until then a slot keeps the old ones, so a
+    /// halted rollout leaves the unreplaced slots as they were.
+    pub config: Arc<WorkersConfig>,
     pub worker: Option<Worker>,
     /// The worker a rollout is starting to take this slot's place, until it is ready.
     pub replacement: Option<Worker>,
@@ -46,12 +55,14 @@ impl Slot {
         self.worker.as_ref().map_or(self.idle_state, |w| w.state)
     }
 
-    pub(super) fn new(policy: BackoffPolicy) -> Self {
+    pub(super) fn new(id: u64, config: Arc<WorkersConfig>) -> Self {
         Slot {
+            id,
+            backoff: Backoff::new(config.restart_backoff),
+            config,
             worker: None,
             replacement: None,
             idle_state: WorkerState::Stopped,
-            backoff: Backoff::new(policy),
             restarts: 0,
         }
     }
@@ -109,28 +120,17 @@ pub(super) struct ServiceState {
 }
 
 impl ServiceState {
-    /// A service with empty slots and no static backends yet.
+    /// A service with no slots and no static backends yet.
     pub(super) fn new(config: ServiceConfig, metrics: &Metrics) -> Self {
         let listeners = ServiceListeners::new(&config.name, config.max_connections.get());
         let metrics = Arc::new(metrics.service(&config.name));
-        let mut svc = ServiceState {
+        ServiceState {
             config,
             slots: Vec::new(),
             statics: Vec::new(),
             listeners,
             metrics,
             cursor: Arc::default(),
-        };
-        svc.resize_slots();
-        svc
-    }
-
-    /// Adds empty slots up to the configured count (the caller fills them).
-    pub(super) fn resize_slots(&mut self) {
-        if let Some(w) = &self.config.workers {
-            while self.slots.len() < w.count.get() {
-                self.slots.push(Slot::new(w.restart_backoff));
-            }
         }
     }
 

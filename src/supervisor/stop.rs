@@ -7,6 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
+use super::service::ServiceState;
 use super::{Event, Supervisor, WorkerState, worker};
 
 /// Drain time for a stop when no service has workers (and so no `drain_timeout`).
@@ -67,20 +68,15 @@ impl Supervisor {
         self.proxy.connections.cancel();
         self.phase = Phase::StoppingWorkers;
         let mut stop_timeout = Duration::ZERO;
-        for svc in &self.services {
-            let Some(cfg) = &svc.config.workers else {
-                continue;
-            };
-            for w in svc.processes() {
-                w.probe.cancel();
-                worker::signal_group(w.pid, cfg.stop_signal);
-            }
-            stop_timeout = stop_timeout.max(cfg.stop_timeout);
+        for w in self.services.iter().flat_map(ServiceState::processes) {
+            w.probe.cancel();
+            worker::signal_group(w.pid, w.config.stop_signal);
+            stop_timeout = stop_timeout.max(w.config.stop_timeout);
         }
         for r in self.retiring.iter_mut().filter(|r| !r.stopping) {
-            worker::signal_group(r.worker.pid, r.stop_signal);
+            worker::signal_group(r.worker.pid, r.worker.config.stop_signal);
             r.stopping = true;
-            stop_timeout = stop_timeout.max(r.stop_timeout);
+            stop_timeout = stop_timeout.max(r.worker.config.stop_timeout);
         }
         info!(
             workers = self.processes().count(),
@@ -120,12 +116,14 @@ impl Supervisor {
         }
     }
 
+    /// The longest `drain_timeout` of any worker running, retiring ones included.
     fn drain_timeout(&self) -> Duration {
         let configured = self
             .services
             .iter()
             .filter_map(|s| s.config.workers.as_ref())
             .map(|w| w.drain_timeout);
-        configured.max().unwrap_or(DEFAULT_DRAIN)
+        let running = self.processes().map(|w| w.config.drain_timeout);
+        configured.chain(running).max().unwrap_or(DEFAULT_DRAIN)
     }
 }

@@ -84,7 +84,11 @@ impl Lb {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, expand(config, listen, admin)).expect("write config");
-        let mut lb = Lb::spawn(dir, listen, Command::new(LB).args(args).arg("--config").arg(&path));
+        let mut lb = Lb::spawn(
+            dir,
+            listen,
+            Command::new(LB).args(args).arg("--config").arg(&path),
+        );
         lb.admin = (!config.contains("admin:")).then_some(admin);
         lb
     }
@@ -105,7 +109,13 @@ impl Lb {
             .stderr(err)
             .spawn()
             .expect("start lb");
-        Lb { child: Some(child), dir, log, listen, admin: None }
+        Lb {
+            child: Some(child),
+            dir,
+            log,
+            listen,
+            admin: None,
+        }
     }
 
     pub fn pid(&self) -> Pid {
@@ -158,12 +168,21 @@ impl Lb {
     /// [`Lb::start`]), for a reload.
     pub fn rewrite_config(&self, config: &str) {
         let admin = self.admin.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
-        std::fs::write(self.dir.path().join("lb.yaml"), expand(config, self.listen, admin)).expect("rewrite config");
+        std::fs::write(
+            self.dir.path().join("lb.yaml"),
+            expand(config, self.listen, admin),
+        )
+        .expect("rewrite config");
     }
 
     /// One admin API request; returns the status code and body.
     pub fn admin(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        http(self.admin.expect("lb started with an admin API"), method, path, body)
+        http(
+            self.admin.expect("lb started with an admin API"),
+            method,
+            path,
+            body,
+        )
     }
 
     /// Pids of the workers in rotation now, slot by slot: the newest ready process of
@@ -216,21 +235,39 @@ impl Lb {
 /// `{listen}` and `{worker}` filled in, and an admin API on `admin` unless the config
 /// has its own `admin:` section.
 fn expand(config: &str, listen: SocketAddr, admin: SocketAddr) -> String {
-    let text = config.replace("{listen}", &listen.to_string()).replace("{worker}", WORKER);
-    if config.contains("admin:") { text } else { format!("admin:\n  listen: {admin}\n{text}") }
+    let text = config
+        .replace("{listen}", &listen.to_string())
+        .replace("{worker}", WORKER);
+    if config.contains("admin:") {
+        text
+    } else {
+        format!("admin:\n  listen: {admin}\n{text}")
+    }
 }
 
 /// A minimal HTTP/1.1 request, so tests see exactly what lb answers on the wire.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let mut stream = connect(addr);
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    stream.write_all(head.as_bytes()).expect("send request head");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .expect("send request head");
     // lb may answer (413) before reading all of a large body; that is fine.
     let _ = stream.write_all(body);
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
 
