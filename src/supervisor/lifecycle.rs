@@ -162,36 +162,39 @@ impl Supervisor {
         }
     }
 
+    /// The worker in rotation exited: out of the snapshot at once, then restarted with
+    /// backoff, unless lb is stopping or a replacement is about to take the slot.
     fn current_exited(&mut self, si: usize, slot: usize, status: ExitStatus) {
         let worker = self.services[si].slots[slot]
             .worker
             .take()
             .expect("place_of_pid found a worker");
         self.reaped(&worker);
-        if worker.state == WorkerState::Ready {
-            self.publish();
-        }
         let name = self.services[si].config.name.clone();
         let (pid, uptime) = (worker.pid, worker.started.elapsed());
         if self.phase != Phase::Running {
             self.services[si].slots[slot].idle_state = WorkerState::Stopped;
             info!(service = %name, worker = slot, %pid, %status, "worker stopped");
-            return;
+        } else if self.services[si].slots[slot].replacement.is_some() {
+            self.count_crash(si, slot);
+            // Its replacement, already starting, takes the slot when ready.
+            self.services[si].slots[slot].idle_state = WorkerState::Backoff;
+            warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
+        } else {
+            self.count_crash(si, slot);
+            let delay = self.restart_later(si, slot, uptime);
+            warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
         }
-        let s = &mut self.services[si].slots[slot];
-        s.restarts += 1;
+    }
+
+    fn count_crash(&mut self, si: usize, slot: usize) {
+        let svc = &mut self.services[si];
+        svc.slots[slot].restarts += 1;
+        let labels = [svc.config.name.as_str(), &slot.to_string(), "crash"];
         self.metrics
             .worker_restarts_total
-            .with_label_values(&[&name, &slot.to_string(), "crash"])
+            .with_label_values(&labels)
             .inc();
-        if s.replacement.is_some() {
-            // Its replacement, already starting, takes the slot when ready.
-            s.idle_state = WorkerState::Backoff;
-            warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
-            return;
-        }
-        let delay = self.restart_later(si, slot, uptime);
-        warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
     }
 
     pub(super) fn restart_due(&mut self, service: &str, slot: usize, slot_id: u64) {
@@ -237,7 +240,6 @@ impl Supervisor {
                 backend.up = true;
                 backend.backend.stats.mark_up();
                 info!(service = %svc.config.name, backend = %backend.backend.label, "backend accepts connections again");
-                self.publish();
             }
             Some(Place::Retiring(_)) | None => {}
         }
@@ -252,7 +254,6 @@ impl Supervisor {
         worker.state = WorkerState::Ready;
         worker.backend.stats.mark_up();
         info!(service = %svc.config.name, worker = slot, pid = %worker.pid, after = ?worker.started.elapsed(), "worker ready");
-        self.publish();
     }
 
     /// A connect to this backend failed: out of rotation until a probe reaches it. A
@@ -275,7 +276,6 @@ impl Supervisor {
                 worker.probe = CancellationToken::new();
                 let (addr, probe) = (worker.backend.addr, worker.probe.clone());
                 probe::until_up(id, addr, RECHECK_INTERVAL, None, probe, self.tx.clone());
-                self.publish();
             }
             Some(Place::Static { si, index }) => {
                 let svc = &mut self.services[si];
@@ -291,7 +291,6 @@ impl Supervisor {
                     probe,
                     self.tx.clone(),
                 );
-                self.publish();
             }
             Some(Place::Replacement { .. } | Place::Retiring(_)) | None => {}
         }

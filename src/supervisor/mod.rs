@@ -1,6 +1,6 @@
 //! The supervisor: the one task that owns worker and backend state. Everything that
 //! happens to a worker (spawned, ready, exited, refused a connection), every signal and
-//! every timer arrives here as an [`Event`]; after each change the supervisor publishes
+//! every timer arrives here as an [`Event`]; after each event the supervisor publishes
 //! a new snapshot for the proxy. Waits (backoff, drain, stop deadlines) are timers that
 //! send events back, so the actor never blocks while a stop, a rollout or a restart is
 //! in progress.
@@ -192,8 +192,19 @@ impl Supervisor {
     pub async fn run(mut self) {
         while !self.finished() {
             tokio::select! {
-                Some(event) = self.events.recv() => self.handle(event),
-                Some(id) = self.down.recv() => self.backend_down(id),
+                Some(event) = self.events.recv() => {
+                    let read_only = matches!(event, Event::Status { .. });
+                    self.handle(event);
+                    // One place publishes, after every change: no handler can forget to,
+                    // and nothing between two publishes is ever visible to the proxy.
+                    if !read_only {
+                        self.publish();
+                    }
+                }
+                Some(id) = self.down.recv() => {
+                    self.backend_down(id);
+                    self.publish();
+                }
                 else => break,
             }
         }

@@ -59,7 +59,6 @@ impl Supervisor {
             let listeners = bound.remove(&svc.name).unwrap_or_default();
             self.change_service(svc, change, listeners);
         }
-        self.publish();
         // Every worker not running its service's settings is replaced, now that every
         // service has its new settings: changed ones, and slots a halted rollout left.
         self.converge();

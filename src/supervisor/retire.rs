@@ -30,8 +30,7 @@ pub(super) struct Retiring {
 }
 
 impl Supervisor {
-    /// Takes a worker that is already out of the slot into retirement; the caller
-    /// publishes the snapshot without it.
+    /// Takes a worker that is already out of the slot into retirement.
     pub(super) fn retire(
         &mut self,
         service: &str,

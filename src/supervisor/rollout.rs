@@ -216,7 +216,6 @@ impl Supervisor {
             .with_label_values(&[&name, &slot.to_string(), "rollout"])
             .inc();
         self.rollout.replaced += 1;
-        self.publish();
         match old {
             Some(old) => {
                 if let Some(step) = &mut self.rollout.step {

@@ -1,0 +1,208 @@
+//! Prometheus metrics (contract §6): names, labels and values that add up.
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use common::{DEADLINE, Lb, echo, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The sum of every sample of `name` whose labels include all of `labels`.
+fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+fn metrics(lb: &Lb) -> String {
+    let (code, body) = lb.admin("GET", "/metrics", b"");
+    assert_eq!(code, 200);
+    body
+}
+
+const TWO_ECHO_WORKERS: &str = r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+"#;
+
+#[test]
+fn connections_and_bytes_add_up_and_active_returns_to_zero() {
+    let lb = Lb::start(TWO_ECHO_WORKERS);
+    lb.wait_ready(2);
+    let payload = vec![7u8; 3000];
+    for _ in 0..20 {
+        assert_eq!(echo(lb.listen, &payload).len(), 3000);
+    }
+    wait_until("active connections back to 0", DEADLINE, || {
+        sum(
+            &metrics(&lb),
+            "lb_connections_active",
+            &[("service", "web")],
+        ) == 0.0
+    });
+    let text = metrics(&lb);
+    assert_eq!(
+        sum(&text, "lb_connections_total", &[("service", "web")]),
+        20.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(&text, "lb_connections_total", &[("worker", "0")]),
+        10.0,
+        "round-robin: {text}"
+    );
+    assert_eq!(
+        sum(
+            &text,
+            "lb_bytes_total",
+            &[("service", "web"), ("direction", "in")]
+        ),
+        60_000.0
+    );
+    assert_eq!(
+        sum(
+            &text,
+            "lb_bytes_total",
+            &[("service", "web"), ("direction", "out")]
+        ),
+        60_000.0
+    );
+    assert_eq!(
+        sum(
+            &text,
+            "lb_connection_duration_seconds_count",
+            &[("service", "web")]
+        ),
+        20.0
+    );
+    assert_eq!(
+        sum(
+            &text,
+            "lb_workers",
+            &[("service", "web"), ("state", "ready")]
+        ),
+        2.0
+    );
+    assert_eq!(sum(&text, "lb_backend_up", &[("service", "web")]), 2.0);
+    assert_eq!(
+        sum(&text, "lb_connect_errors_total", &[("service", "web")]),
+        0.0
+    );
+    assert!(
+        text.contains("lb_messages_dropped_total{service=\"web\"} 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn restarts_reloads_and_worker_states_are_counted() {
+    let lb = Lb::start(&TWO_ECHO_WORKERS.replace(
+        "count: 2",
+        "count: 2\n      restart_backoff: { initial: 2s, max: 2s }",
+    ));
+    lb.wait_ready(2);
+    kill(Pid::from_raw(lb.worker_pid(1)), Signal::SIGKILL).expect("kill worker 1");
+    lb.wait_log("worker exited");
+    let text = metrics(&lb);
+    assert_eq!(
+        sum(
+            &text,
+            "lb_worker_restarts_total",
+            &[("worker", "1"), ("reason", "crash")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(&text, "lb_workers", &[("state", "backoff")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(&text, "lb_backend_up", &[("worker", "1")]),
+        0.0,
+        "{text}"
+    );
+    lb.rewrite_config("services: [");
+    assert_eq!(lb.admin("POST", "/reload", b"").0, 400);
+    assert_eq!(
+        sum(&metrics(&lb), "lb_reloads_total", &[("result", "error")]),
+        1.0
+    );
+}
+
+/// Every family has samples: traffic, a failed connect, a crash, a rollout, a reload.
+#[test]
+fn the_metrics_pass_promtool_check() {
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let lb = Lb::start(&format!(
+        "{}\n  - name: remote\n    listen: 127.0.0.1:{}\n    backends: [\"{dead}\"]\n",
+        TWO_ECHO_WORKERS.trim_end(),
+        common::free_port()
+    ));
+    lb.wait_ready(2);
+    echo(lb.listen, b"traffic");
+    assert_eq!(lb.admin("POST", "/restart?service=web", b"").0, 200);
+    assert_eq!(lb.admin("POST", "/reload", b"").0, 200);
+    let remote: std::net::SocketAddr = lb.lines("listening service=remote")[0]
+        .rsplit_once("addr=")
+        .map(|(_, a)| a.trim().parse().expect("addr"))
+        .expect("remote listener");
+    let _ = std::net::TcpStream::connect(remote).map(|mut s| s.write_all(b"x"));
+    wait_until("a connect error counted", DEADLINE, || {
+        sum(&metrics(&lb), "lb_connect_errors_total", &[]) >= 1.0
+    });
+    let text = metrics(&lb);
+    for family in [
+        "lb_connections_total",
+        "lb_connections_active",
+        "lb_bytes_total",
+        "lb_connect_errors_total",
+        "lb_connection_duration_seconds",
+        "lb_workers",
+        "lb_worker_restarts_total",
+        "lb_reloads_total",
+        "lb_backend_up",
+        "lb_messages_dropped_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{text}"
+        );
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
