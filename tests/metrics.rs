@@ -224,19 +224,30 @@ fn deploy_files_use_only_contract_metrics_and_pass_promtool() {
         "lb_messages_dropped_total",
     ];
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    let dashboard = std::fs::read_to_string(deploy.join("grafana-dashboard.json")).expect("dashboard");
+    let dashboard =
+        std::fs::read_to_string(deploy.join("grafana-dashboard.json")).expect("dashboard");
     let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
     assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 8));
     let alerts = std::fs::read_to_string(deploy.join("lb-alerts.yml")).expect("alerts");
     for text in [&dashboard, &alerts] {
-        let names = text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("lb_"));
+        let names = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("lb_"));
         for name in names {
             let base = name.trim_end_matches("_bucket");
             assert!(CONTRACT.contains(&base), "{name} is not a contract metric");
         }
     }
     for (what, file) in [("config", "prometheus.yml"), ("rules", "lb-alerts.yml")] {
-        let out = Command::new("promtool").args(["check", what]).arg(deploy.join(file)).output().expect("promtool");
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("promtool")
+            .args(["check", what])
+            .arg(deploy.join(file))
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
