@@ -50,6 +50,14 @@ pub enum Command {
         #[arg(long)]
         service: Option<String>,
     },
+    /// Send a JSON message to every ready worker of a running lb (on its channel, fd 3).
+    Broadcast {
+        /// One JSON value, e.g. '{"usersCount":25}'.
+        message: String,
+        /// Only this service's workers.
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// Internal: the helper lb starts to kill its workers if lb itself is killed.
     #[command(hide = true)]
     Watchdog,

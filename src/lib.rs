@@ -28,6 +28,7 @@
 //! is accepted.
 
 pub mod admin;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod logging;

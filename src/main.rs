@@ -15,22 +15,38 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Check { file }) => check(file.as_deref().unwrap_or(&cli.config)),
-        Some(Command::Status { json }) => client_command(&cli, Method::GET, "/status", |body| {
-            if *json {
-                return Ok(body.to_owned());
-            }
-            let status: Status =
-                serde_json::from_str(body).map_err(|err| format!("unexpected answer: {err}"))?;
-            Ok(status.table())
-        }),
+        Some(Command::Status { json }) => {
+            client_command(&cli, Method::GET, "/status", String::new(), |body| {
+                if *json {
+                    return Ok(body.to_owned());
+                }
+                let status: Status = serde_json::from_str(body)
+                    .map_err(|err| format!("unexpected answer: {err}"))?;
+                Ok(status.table())
+            })
+        }
         Some(Command::Reload) => {
-            client_command(&cli, Method::POST, "/reload", |body| Ok(body.to_owned()))
+            client_command(&cli, Method::POST, "/reload", String::new(), |body| {
+                Ok(body.to_owned())
+            })
         }
         Some(Command::Restart { service }) => {
             let path = service
                 .as_ref()
                 .map_or("/restart".to_owned(), |s| format!("/restart?service={s}"));
-            client_command(&cli, Method::POST, &path, |body| Ok(body.to_owned()))
+            client_command(&cli, Method::POST, &path, String::new(), |body| {
+                Ok(body.to_owned())
+            })
+        }
+        Some(Command::Broadcast { message, service }) => {
+            let path = service.as_ref().map_or("/broadcast".to_owned(), |s| {
+                format!("/broadcast?service={s}")
+            });
+            client_command(&cli, Method::POST, &path, message.clone(), |body| {
+                let answer: serde_json::Value = serde_json::from_str(body)
+                    .map_err(|err| format!("unexpected answer: {err}"))?;
+                Ok(format!("delivered to {} workers\n", answer["delivered"]))
+            })
         }
         Some(Command::Watchdog) => match lb::supervisor::serve_watchdog() {
             Ok(()) => ExitCode::SUCCESS,
@@ -107,6 +123,7 @@ fn client_command(
     cli: &Cli,
     method: Method,
     path: &str,
+    body: String,
     show: impl Fn(&str) -> Result<String, String>,
 ) -> ExitCode {
     let fail = |msg: &str| {
@@ -124,7 +141,7 @@ fn client_command(
         Ok(rt) => rt,
         Err(err) => return fail(&format!("could not start the async runtime: {err}")),
     };
-    match runtime.block_on(client::call(addr, method, path)) {
+    match runtime.block_on(client::call(addr, method, path, body)) {
         Ok((code, body)) if code.is_success() => match show(&body) {
             Ok(out) => {
                 print!("{out}");

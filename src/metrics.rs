@@ -40,6 +40,7 @@ pub struct ServiceMetrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub connection_duration: prometheus::Histogram,
+    pub messages_dropped: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -155,8 +156,8 @@ impl Metrics {
 
     /// The service's handles; also makes its series visible at 0 from the start.
     pub fn service(&self, service: &str) -> ServiceMetrics {
-        self.messages_dropped_total.with_label_values(&[service]);
         ServiceMetrics {
+            messages_dropped: self.messages_dropped_total.with_label_values(&[service]),
             bytes_in: self.bytes_total.with_label_values(&[service, "in"]),
             bytes_out: self.bytes_total.with_label_values(&[service, "out"]),
             connection_duration: self.connection_duration.with_label_values(&[service]),

@@ -1,4 +1,4 @@
-//! The client half of `lb status`, `lb reload` and `lb restart`: one HTTP request to a
+//! The client half of `lb status`, `lb reload`, `lb restart` and `lb broadcast`: one HTTP request to a
 //! running lb's admin API.
 
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ pub async fn call(
     addr: SocketAddr,
     method: Method,
     path: &str,
+    body: String,
 ) -> anyhow::Result<(StatusCode, String)> {
     let stream = TcpStream::connect(addr).await.with_context(|| {
         format!("no lb answers at {addr} (is it running, with admin.listen there? pass --admin ADDR otherwise)")
@@ -29,7 +30,7 @@ pub async fn call(
         .method(method)
         .uri(path)
         .header(HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(Bytes::from(body)))
         .context("building the request")?;
     let response = sender
         .send_request(request)

@@ -1,5 +1,5 @@
 //! The admin HTTP API (contract §5) on `admin.listen`: metrics, health, status, and the
-//! reload / restart commands, answered by the supervisor. It runs beside the proxy on
+//! reload / restart / broadcast commands, answered by the supervisor. It runs beside the proxy on
 //! the same runtime, and only ever reads the snapshot or asks the supervisor: it never
 //! takes a lock on the connection path.
 
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use crate::channel::Message;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshots;
 use crate::supervisor::{CommandError, Event, Inbox};
@@ -123,7 +124,28 @@ async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallibl
             })
             .await
         }
-        _ => broadcast(&body),
+        _ => match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(value) => {
+                let (service, message) = (param(&query, "service"), Message::new(&value));
+                let mut reply = command(&admin, |reply| Event::Broadcast {
+                    service,
+                    message,
+                    reply: Some(reply),
+                })
+                .await;
+                if reply.status() == StatusCode::OK {
+                    reply.headers_mut().insert(
+                        CONTENT_TYPE,
+                        "application/json".parse().expect("valid header"),
+                    );
+                }
+                reply
+            }
+            Err(err) => text(
+                StatusCode::BAD_REQUEST,
+                &format!("the body must be one JSON value: {err}\n"),
+            ),
+        },
     })
 }
 
@@ -209,17 +231,6 @@ async fn command(admin: &Admin, event: impl FnOnce(crate::supervisor::Reply) -> 
         }
         Err(_) => stopping(),
     }
-}
-
-/// The message channel to workers is not built yet: say so rather than pretend.
-fn broadcast(body: &[u8]) -> Reply {
-    if serde_json::from_slice::<serde_json::Value>(body).is_err() {
-        return text(StatusCode::BAD_REQUEST, "the body must be one JSON value\n");
-    }
-    text(
-        StatusCode::NOT_IMPLEMENTED,
-        "broadcast: the worker message channel is not built yet\n",
-    )
 }
 
 fn stopping() -> Reply {

@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 
 pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
-pub use types::{BackendSpec, Balance, CommandSpec};
+pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck};
 
 /// Where the admin API listens unless the config says otherwise: loopback only.
 pub const DEFAULT_ADMIN: SocketAddr =
@@ -60,19 +60,29 @@ pub struct WorkersConfig {
     /// Absolute: resolved against the config file's folder.
     pub cwd: PathBuf,
     pub env: BTreeMap<String, String>,
+    pub ready: ReadyCheck,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub restart_backoff: BackoffPolicy,
+    pub feed: Option<FeedConfig>,
+}
+
+/// `workers.feed`: a command run every `every` whose JSON output is broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedConfig {
+    pub command: CommandSpec,
+    pub every: Duration,
 }
 
 impl WorkersConfig {
     /// Whether a worker started with `self` runs as one started with `other` would: every
-    /// setting but `count`, which is about the service, not the process.
+    /// setting but `count` and `feed`, which are about the service, not the process.
     pub fn same_process(&self, other: &WorkersConfig) -> bool {
         WorkersConfig {
             count: other.count,
+            feed: other.feed.clone(),
             ..self.clone()
         } == *other
     }
@@ -158,10 +168,11 @@ impl Config {
             if let Some(w) = &svc.workers {
                 let _ = writeln!(
                     out,
-                    "  workers: {} x {:?} in {} (ready tcp within {}, drain {}, stop {} then SIGKILL after {})",
+                    "  workers: {} x {:?} in {} (ready by {} within {}, drain {}, stop {} then SIGKILL after {})",
                     w.count,
                     w.command.argv(),
                     w.cwd.display(),
+                    w.ready,
                     humantime::format_duration(w.ready_timeout),
                     humantime::format_duration(w.drain_timeout),
                     w.stop_signal,

@@ -8,7 +8,7 @@ use serde_saphyr::Spanned;
 
 use super::types::{
     AdminListen, BackendSpec, Balance, CommandSpec, ConnectionLimit, DurationStr, ListenAddrs,
-    NotSupportedYet, ScalarText, ServiceName, SignalName, WorkerCount, choice,
+    NotSupportedYet, ReadyCheck, ScalarText, ServiceName, SignalName, WorkerCount, choice,
 };
 
 #[derive(Debug, Deserialize)]
@@ -69,8 +69,7 @@ pub(super) struct RawWorkers {
     #[serde(default)]
     pub env: BTreeMap<String, ScalarText>,
     #[serde(default)]
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub ready: Option<ReadyTcp>,
+    pub ready: Option<ReadyCheck>,
     #[serde(default)]
     pub ready_timeout: Option<DurationStr>,
     #[serde(default)]
@@ -82,8 +81,14 @@ pub(super) struct RawWorkers {
     #[serde(default)]
     pub restart_backoff: Option<Spanned<RawBackoff>>,
     #[serde(default)]
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub feed: Option<NotSupportedYet>,
+    pub feed: Option<RawFeed>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFeed {
+    pub command: CommandSpec,
+    pub every: DurationStr,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,18 +98,6 @@ pub(super) struct RawBackoff {
     pub initial: Option<DurationStr>,
     #[serde(default)]
     pub max: Option<DurationStr>,
-}
-
-/// `ready`: only the TCP probe is built so far.
-#[derive(Debug)]
-pub(super) struct ReadyTcp;
-
-impl<'de> Deserialize<'de> for ReadyTcp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = ScalarText::deserialize(d)?;
-        choice(&text.0, &["tcp"], &["message"])?;
-        Ok(ReadyTcp)
-    }
 }
 
 /// `proxy_protocol`: only `off` is built so far.

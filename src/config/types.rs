@@ -36,7 +36,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a duration like 250ms, 30s, 5m or 1h, up to 365d";
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         match humantime::parse_duration(&text.0) {
             Ok(d) if d <= MAX_DURATION => Ok(DurationStr(d)),
             _ => Err(invalid(WHAT, shown(&text.0))),
@@ -67,7 +67,7 @@ const MAX_WORKERS: usize = 1024;
 impl<'de> Deserialize<'de> for WorkerCount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a positive integer or \"auto\"";
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         if text.0 == "auto" {
             return Ok(WorkerCount::Auto);
         }
@@ -90,7 +90,7 @@ pub const MAX_CONNECTIONS: usize = 1 << 24;
 impl<'de> Deserialize<'de> for ConnectionLimit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a positive integer up to 16777216";
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
             Some(n) if n.get() <= MAX_CONNECTIONS => Ok(ConnectionLimit(n)),
             _ => Err(invalid(WHAT, shown(&text.0))),
@@ -105,7 +105,7 @@ pub struct ServiceName(pub String);
 impl<'de> Deserialize<'de> for ServiceName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a name made of a-z, 0-9, _ and -";
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         let ok = !text.0.is_empty()
             && text
                 .0
@@ -127,8 +127,7 @@ pub struct ListenAddr(pub SocketAddr);
 
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text =
-            ScalarText::deserialize(d).map_err(|_| invalid(LISTEN_WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         SocketAddr::from_str(&text.0)
             .map(ListenAddr)
             .map_err(|_| invalid(LISTEN_WHAT, shown(&text.0)))
@@ -334,7 +333,7 @@ pub struct SignalName(pub Signal);
 impl<'de> Deserialize<'de> for SignalName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const WHAT: &str = "a signal name like SIGTERM";
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(WHAT, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         let upper = text.0.to_ascii_uppercase();
         let full = if upper.starts_with("SIG") {
             upper
@@ -413,7 +412,7 @@ struct Weight(u32);
 impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let what = format!("an integer weight from 1 to {MAX_WEIGHT}");
-        let text = ScalarText::deserialize(d).map_err(|_| invalid(&what, "a non-scalar value"))?;
+        let text = ScalarText::deserialize(d)?;
         match text.0.parse::<u32>() {
             Ok(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Weight(w)),
             _ => Err(invalid(&what, shown(&text.0))),
@@ -444,6 +443,35 @@ impl fmt::Display for Balance {
         f.write_str(match self {
             Balance::RoundRobin => "round-robin",
         })
+    }
+}
+
+/// `workers.ready`: when a worker counts as ready for connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadyCheck {
+    /// Once a connect to its PORT succeeds.
+    #[default]
+    Tcp,
+    /// Once it sends the string "ready" on its channel (Node: `process.send('ready')`).
+    Message,
+}
+
+impl fmt::Display for ReadyCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReadyCheck::Tcp => "tcp",
+            ReadyCheck::Message => "message",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ReadyCheck {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        match choice(&text.0, &["tcp", "message"], &[])? {
+            "tcp" => Ok(ReadyCheck::Tcp),
+            _ => Ok(ReadyCheck::Message),
+        }
     }
 }
 

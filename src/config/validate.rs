@@ -229,6 +229,11 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
         drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         stop_signal: raw.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
         stop_timeout: raw.stop_timeout.map_or(DEFAULT_STOP_TIMEOUT, |d| d.0),
+        ready: raw.ready.unwrap_or_default(),
+        feed: raw.feed.map(|f| super::FeedConfig {
+            command: f.command,
+            every: f.every.0,
+        }),
         restart_backoff,
     })
 }

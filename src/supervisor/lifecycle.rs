@@ -14,7 +14,8 @@ use tracing::{debug, info, warn};
 use super::service::{ServiceState, Slot, StaticBackend, Worker, worker_backend};
 use super::stop::Phase;
 use super::{Event, ExitStatus, Place, Supervisor, WorkerState, probe, worker};
-use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
+use crate::channel::{self, Channel};
+use crate::config::{BackendSpec, ReadyCheck, ServiceConfig, WorkersConfig};
 use crate::snapshot::BackendId;
 
 /// How often a starting worker's port is tried.
@@ -98,7 +99,8 @@ impl Supervisor {
         delay
     }
 
-    /// Spawns a worker process for a slot with `cfg`, and starts probing its port.
+    /// Spawns a worker process for a slot with `cfg`, opens its message channel (with
+    /// the service's last fed value waiting in it), and starts waiting for readiness.
     pub(super) fn spawn_worker(
         &mut self,
         si: usize,
@@ -112,6 +114,7 @@ impl Supervisor {
         let name = &self.services[si].config.name;
         let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
         let backend = worker_backend(id, name, slot, addr, close, &self.metrics);
+        let (lb_end, worker_end) = channel::pair()?;
         let pid = worker::spawn(
             worker::Identity {
                 service: name,
@@ -120,19 +123,34 @@ impl Supervisor {
             },
             &cfg,
             &backend.label,
+            &worker_end,
         )?;
+        drop(worker_end);
         self.watchdog.started(pid);
         info!(service = %name, worker = slot, %pid, port, "worker started");
+        let tx = self.tx.clone();
+        let channel = Channel::start(lb_end, move |value| {
+            let _ = tx.send(Event::Message { id, value });
+        })?;
+        if let Some(last) = &self.services[si].feed.last {
+            channel.send(last);
+        }
         let probe = CancellationToken::new();
-        let deadline = Instant::now() + cfg.ready_timeout;
-        probe::until_up(
-            id,
-            addr,
-            READY_PROBE_INTERVAL,
-            Some(deadline),
-            probe.clone(),
-            self.tx.clone(),
-        );
+        match cfg.ready {
+            ReadyCheck::Tcp => {
+                let deadline = Instant::now() + cfg.ready_timeout;
+                probe::until_up(
+                    id,
+                    addr,
+                    READY_PROBE_INTERVAL,
+                    Some(deadline),
+                    probe.clone(),
+                    self.tx.clone(),
+                );
+            }
+            // It says "ready" on its channel; if it has not by the deadline, it failed.
+            ReadyCheck::Message => self.after(cfg.ready_timeout, Event::Probe { id, ok: false }),
+        }
         Ok(Worker {
             backend: Arc::new(backend),
             pid,
@@ -140,6 +158,10 @@ impl Supervisor {
             started: Instant::now(),
             probe,
             config: cfg,
+            channel,
+            dropped: 0,
+            last_drop: None,
+            ready_once: false,
         })
     }
 
@@ -157,7 +179,9 @@ impl Supervisor {
             Some(Place::Replacement { si, slot }) => self.replacement_exited(si, slot, status),
             Some(Place::Retiring(i)) => self.retired(i, status),
             Some(Place::Static { .. }) | None => {
-                debug!(%pid, %status, "reaped a process that was not a worker");
+                if !self.feed_exited(pid, status) {
+                    debug!(%pid, %status, "reaped a process that was not a worker");
+                }
             }
         }
     }
@@ -223,8 +247,12 @@ impl Supervisor {
                     .worker
                     .as_ref()
                     .expect("place_of_backend found a worker");
+                if worker.ready_once {
+                    // A deadline for its first readiness, which it met long ago.
+                    return;
+                }
                 let timeout = worker.config.ready_timeout;
-                warn!(service = %svc.config.name, worker = slot, pid = %worker.pid, ?timeout, "worker not accepting connections within ready_timeout; killing it");
+                warn!(service = %svc.config.name, worker = slot, pid = %worker.pid, ?timeout, "worker not ready within ready_timeout; killing it");
                 worker::signal_group(worker.pid, Signal::SIGKILL);
             }
             Some(Place::Replacement { si, slot }) if ok => self.replacement_ready(si, slot),

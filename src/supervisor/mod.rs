@@ -13,6 +13,7 @@
 mod backoff;
 mod command;
 mod lifecycle;
+mod messages;
 mod probe;
 mod reap;
 mod reload;
@@ -72,6 +73,25 @@ pub enum Event {
     Restart {
         service: Option<String>,
         reply: Option<Reply>,
+    },
+    /// A worker sent a message on its channel.
+    Message {
+        id: BackendId,
+        value: serde_json::Value,
+    },
+    /// `POST /broadcast`: send a message to every ready worker of one service or all.
+    Broadcast {
+        service: Option<String>,
+        message: crate::channel::Message,
+        reply: Option<Reply>,
+    },
+    /// Time to run a service's feed command (`chain` tells stale timers apart).
+    FeedTick { service: String, chain: u64 },
+    /// A feed run ended and printed these values.
+    FeedOutput {
+        service: String,
+        values: Vec<serde_json::Value>,
+        error: Option<String>,
     },
     /// `GET /status`.
     Status {
@@ -179,6 +199,7 @@ impl Supervisor {
             }
         }
         self.publish();
+        self.start_feeds();
         for svc in &mut self.services {
             for (addr, listener) in bound.remove(&svc.config.name).unwrap_or_default() {
                 svc.listeners.serve(&self.proxy, addr, listener);
@@ -225,6 +246,18 @@ impl Supervisor {
                 command::answer(reply, result);
             }
             Event::Restart { service, reply } => self.restart(service, reply.into_iter().collect()),
+            Event::Message { id, value } => self.message(id, value),
+            Event::Broadcast {
+                service,
+                message,
+                reply,
+            } => self.broadcast(service, &message, reply),
+            Event::FeedTick { service, chain } => self.feed_tick(&service, chain),
+            Event::FeedOutput {
+                service,
+                values,
+                error,
+            } => self.feed_output(&service, values, error),
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }

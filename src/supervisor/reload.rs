@@ -63,6 +63,7 @@ impl Supervisor {
         // service has its new settings: changed ones, and slots a halted rollout left.
         self.converge();
         self.resume_rollout();
+        self.start_feeds();
         if unchanged {
             info!(%path, "reload: no change");
             return Ok("reload: no change".to_owned());

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::state::WorkerState;
+use crate::channel::{Channel, Message};
 use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
 use crate::proxy::ServiceListeners;
@@ -27,6 +28,13 @@ pub(super) struct Worker {
     pub probe: CancellationToken,
     /// The settings it was started with; it drains and stops by them too.
     pub config: Arc<WorkersConfig>,
+    /// lb's end of its message channel, open until the worker is reaped.
+    pub channel: Channel,
+    /// Messages dropped in the current run of drops (0: it reads its channel).
+    pub dropped: u64,
+    pub last_drop: Option<Instant>,
+    /// It has been ready once: a later deadline for its first readiness is stale.
+    pub ready_once: bool,
 }
 
 /// One of `count` worker positions; keeps its id, backoff and restart count across
@@ -66,6 +74,17 @@ impl Slot {
             restarts: 0,
         }
     }
+}
+
+/// The `feed` command of a service.
+#[derive(Debug, Default)]
+pub(super) struct FeedState {
+    /// The id of the timer chain that runs it; None when the service has no feed.
+    pub chain: Option<u64>,
+    /// The run in progress: runs never overlap.
+    pub running: Option<Pid>,
+    /// The latest value it printed, given to every worker that starts afterwards.
+    pub last: Option<Message>,
 }
 
 /// A configured remote backend.
@@ -115,6 +134,7 @@ pub(super) struct ServiceState {
     pub statics: Vec<StaticBackend>,
     pub listeners: ServiceListeners,
     pub metrics: Arc<ServiceMetrics>,
+    pub feed: FeedState,
     /// The round-robin position, carried from pool to pool.
     cursor: Arc<AtomicUsize>,
 }
@@ -130,6 +150,7 @@ impl ServiceState {
             statics: Vec::new(),
             listeners,
             metrics,
+            feed: FeedState::default(),
             cursor: Arc::default(),
         }
     }

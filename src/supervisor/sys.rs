@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -32,6 +33,28 @@ pub(super) fn die_with_lb(cmd: &mut Command) {
             // lb may have died between fork and prctl; then nobody would kill us.
             if getppid() != lb {
                 return Err(io::Error::other("lb exited while starting this worker"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The file descriptor number the worker finds its channel on (contract §3).
+pub(super) const CHANNEL_FD: i32 = 3;
+
+/// Makes `fd` (lb's copy of the worker's end of its channel) the worker's fd 3.
+pub(super) fn pass_as_channel(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: runs in the child between fork and exec; dup2 and fcntl are
+    // async-signal-safe system calls, and `fd` stays open in lb until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == CHANNEL_FD {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if nix::libc::dup2(fd, CHANNEL_FD) == -1 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });

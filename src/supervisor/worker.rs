@@ -4,14 +4,15 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::process::CommandExt as _;
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::sys;
-use crate::config::WorkersConfig;
+use crate::config::{FeedConfig, WorkersConfig};
 use crate::logging::{self, OutputStream};
 
 /// Where a worker must listen. Every worker binds its own port on loopback.
@@ -35,8 +36,14 @@ impl Identity<'_> {
     }
 }
 
-/// Starts a worker and returns its pid, which is also its process group id.
-pub(super) fn spawn(id: Identity<'_>, cfg: &WorkersConfig, label: &str) -> io::Result<Pid> {
+/// Starts a worker with its channel at fd 3, and returns its pid, which is also its
+/// process group id.
+pub(super) fn spawn(
+    id: Identity<'_>,
+    cfg: &WorkersConfig,
+    label: &str,
+    channel: &OwnedFd,
+) -> io::Result<Pid> {
     let argv: Vec<String> = cfg
         .command
         .argv()
@@ -55,28 +62,67 @@ pub(super) fn spawn(id: Identity<'_>, cfg: &WorkersConfig, label: &str) -> io::R
         .env("LB_WORKER_ID", id.slot.to_string())
         .env("NODE_APP_INSTANCE", id.slot.to_string())
         .env("LB_SERVICE", id.service)
-        .stdin(Stdio::null())
+        .env("LB_CHANNEL_FD", sys::CHANNEL_FD.to_string())
+        // Node opens its IPC channel from these before any user code runs.
+        .env("NODE_CHANNEL_FD", sys::CHANNEL_FD.to_string())
+        .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+    sys::pass_as_channel(&mut cmd, channel.as_raw_fd());
+    let (pid, _) = launch(cmd, &argv[0], label, false)?;
+    Ok(pid)
+}
+
+/// Starts a service's feed command in the workers' folder and environment; its stdout
+/// is returned to be read as JSON values.
+pub(super) fn spawn_feed(
+    service: &str,
+    cfg: &WorkersConfig,
+    feed: &FeedConfig,
+) -> io::Result<(Pid, ChildStdout)> {
+    let argv = feed.command.argv();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(&cfg.cwd)
+        .env_remove("NODE_UNIQUE_ID")
+        .envs(&cfg.env)
+        .env("LB_SERVICE", service);
+    let (pid, stdout) = launch(cmd, &argv[0], &format!("{service}/feed"), true)?;
+    Ok((pid, stdout.expect("launch captures stdout when asked")))
+}
+
+/// Spawns `cmd` in its own process group, dying with lb, with its stderr (and stdout,
+/// unless `capture_stdout`) forwarded to lb's under `label`.
+fn launch(
+    mut cmd: Command,
+    program: &str,
+    label: &str,
+    capture_stdout: bool,
+) -> io::Result<(Pid, Option<ChildStdout>)> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own group: a stop or a crash cleans up the worker's children with it.
+        // Its own group: a stop or a crash cleans up the process's children with it.
         .process_group(0);
     sys::die_with_lb(&mut cmd);
     let mut child = {
         let _no_reaping = sys::spawn_lock();
         cmd.spawn().map_err(|err| {
-            io::Error::new(err.kind(), format!("could not run {:?}: {err}", argv[0]))
+            io::Error::new(err.kind(), format!("could not run {program:?}: {err}"))
         })?
     };
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
-    if let Some(out) = child.stdout.take() {
-        logging::forward_output(label.into(), OutputStream::Stdout, out.into());
-    }
+    let stdout = child.stdout.take();
     if let Some(err) = child.stderr.take() {
         logging::forward_output(label.into(), OutputStream::Stderr, err.into());
     }
     // The reaper collects the exit status; dropping a std Child neither waits nor kills.
     drop(child);
-    Ok(pid)
+    match stdout {
+        Some(out) if !capture_stdout => {
+            logging::forward_output(label.into(), OutputStream::Stdout, out.into());
+            Ok((pid, None))
+        }
+        stdout => Ok((pid, stdout)),
+    }
 }
 
 /// Signals the worker's whole process group.

@@ -77,8 +77,17 @@ impl Lb {
         Lb::start_with(config, &[])
     }
 
+    /// As [`Lb::start`], with more environment variables for lb.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Lb {
+        Lb::start_full(config, &[], env)
+    }
+
     /// As [`Lb::start`], with more command-line arguments for lb.
     pub fn start_with(config: &str, args: &[&str]) -> Lb {
+        Lb::start_full(config, args, &[])
+    }
+
+    fn start_full(config: &str, args: &[&str], env: &[(&str, &str)]) -> Lb {
         let dir = tempfile::tempdir().expect("temp dir");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -87,7 +96,11 @@ impl Lb {
         let mut lb = Lb::spawn(
             dir,
             listen,
-            Command::new(LB).args(args).arg("--config").arg(&path),
+            Command::new(LB)
+                .args(args)
+                .arg("--config")
+                .arg(&path)
+                .envs(env.iter().copied()),
         );
         lb.admin = (!config.contains("admin:")).then_some(admin);
         lb

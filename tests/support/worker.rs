@@ -9,6 +9,8 @@
 //! - `IGNORE_SIGTERM=1`: keep running on SIGTERM (a worker that must be killed).
 //! - `CRASH_WITHIN_MS=N`: crash (exit code 4) at a random moment between N/2 and N ms
 //!   after it starts listening.
+//! - `READY_MESSAGE_AFTER_MS=N`: N ms after it starts listening, send `"ready"` on the
+//!   channel (fd `LB_CHANNEL_FD`) and print `sent ready`. It never reads its channel.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -39,6 +41,13 @@ fn main() {
         )
     });
     println!("listening on {host}:{port}");
+    if let Ok(after) = std::env::var("READY_MESSAGE_AFTER_MS") {
+        let after = Duration::from_millis(after.parse().unwrap_or(0));
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            send_ready();
+        });
+    }
     let crash_within = env_num("CRASH_WITHIN_MS");
     if crash_within > 0 {
         let at = crash_within / 2 + random() % (crash_within / 2 + 1);
@@ -61,6 +70,22 @@ fn main() {
             std::process::exit(3);
         }
     }
+}
+
+/// Writes `"ready"` on the channel lb passed as `LB_CHANNEL_FD`.
+fn send_ready() {
+    use std::os::fd::FromRawFd as _;
+    let fd: i32 = std::env::var("LB_CHANNEL_FD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("lb sets LB_CHANNEL_FD");
+    // SAFETY: lb opened this descriptor for us and nothing else in this process uses it.
+    #[allow(unsafe_code)]
+    let mut channel = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    channel.write_all(b"\"ready\"\n").expect("write ready");
+    println!("sent ready");
+    // Keep the descriptor open (never read it): dropping would close the channel.
+    std::mem::forget(channel);
 }
 
 /// Good enough randomness for crash times: differs per process and per start.

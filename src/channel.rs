@@ -1,0 +1,195 @@
+//! The message channel to a worker (contract §3): file descriptor 3 of the worker, a Unix
+//! stream socket carrying one JSON value per `\n`-terminated line, both ways, in the
+//! format Node's `process.send()` / `process.on('message')` use.
+//!
+//! lb never blocks on a worker that does not read: messages wait in a small bounded
+//! outbox per worker, and past it they are dropped (and counted) rather than queued.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Messages a worker may have waiting before more are dropped.
+const OUTBOX_MESSAGES: usize = 1024;
+/// Bytes a worker may have waiting before more are dropped (one broadcast is at most
+/// 1 MiB, so a few fit).
+const OUTBOX_BYTES: usize = 4 * 1024 * 1024;
+/// A longer line from a worker is discarded: no JSON message of ours is that long.
+const MAX_INCOMING_LINE: usize = 1024 * 1024;
+
+/// One message, encoded once and shared by every worker it is sent to.
+#[derive(Debug, Clone)]
+pub struct Message(Bytes);
+
+impl Message {
+    /// Compact JSON on one line: Node crashes on a pretty-printed or blank line.
+    pub fn new(value: &Value) -> Self {
+        let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+        line.push(b'\n');
+        Message(Bytes::from(line))
+    }
+}
+
+/// lb's end of one worker's channel. Dropping it closes lb's end; the supervisor keeps
+/// it until the worker is reaped, since Node treats a closed channel as `'disconnect'`
+/// and a later `process.send()` then crashes the worker.
+#[derive(Debug)]
+pub struct Channel {
+    outbox: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A new channel: lb's end, and the worker's end to place at its fd 3.
+pub fn pair() -> io::Result<(StdUnixStream, OwnedFd)> {
+    let (lb, worker) = StdUnixStream::pair()?;
+    Ok((lb, worker.into()))
+}
+
+impl Channel {
+    /// Starts reading and writing lb's end. Every JSON value the worker sends goes to
+    /// `on_message`, except Node's internal `{"cmd": "NODE_…"}` messages.
+    pub fn start(
+        lb_end: StdUnixStream,
+        on_message: impl Fn(Value) + Send + 'static,
+    ) -> io::Result<Channel> {
+        lb_end.set_nonblocking(true)?;
+        let (read, write) = UnixStream::from_std(lb_end)?.into_split();
+        let (outbox, rx) = mpsc::channel(OUTBOX_MESSAGES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_loop(write, rx, Arc::clone(&queued)));
+        tokio::spawn(read_loop(
+            read,
+            outbox.clone(),
+            Arc::clone(&queued),
+            on_message,
+        ));
+        Ok(Channel { outbox, queued })
+    }
+
+    /// Bytes queued for the worker and not yet written to its socket.
+    pub fn backlog(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Queues a message without waiting; false if the outbox is full and it was dropped.
+    pub fn send(&self, message: &Message) -> bool {
+        enqueue(&self.outbox, &self.queued, message.0.clone())
+    }
+}
+
+fn enqueue(outbox: &mpsc::Sender<Bytes>, queued: &AtomicUsize, line: Bytes) -> bool {
+    let len = line.len();
+    if queued.fetch_add(len, Ordering::AcqRel) + len > OUTBOX_BYTES {
+        queued.fetch_sub(len, Ordering::AcqRel);
+        return false;
+    }
+    if outbox.try_send(line).is_err() {
+        queued.fetch_sub(len, Ordering::AcqRel);
+        return false;
+    }
+    true
+}
+
+async fn write_loop(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+) {
+    while let Some(line) = rx.recv().await {
+        let written = write.write_all(&line).await;
+        queued.fetch_sub(line.len(), Ordering::AcqRel);
+        if written.is_err() {
+            break;
+        }
+    }
+    // The worker closed its end: keep ours open (and drain the outbox) until the
+    // supervisor drops the channel.
+    while let Some(line) = rx.recv().await {
+        queued.fetch_sub(line.len(), Ordering::AcqRel);
+    }
+}
+
+async fn read_loop(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    outbox: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    on_message: impl Fn(Value),
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut discarding = false;
+    loop {
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line = buf.split_to(end + 1);
+            if std::mem::take(&mut discarding) {
+                continue;
+            }
+            match serde_json::from_slice::<Value>(&line[..end]) {
+                Ok(value) if is_node_internal(&value) => {
+                    // Node holds back every later send until a handle is acknowledged.
+                    if value["cmd"] == "NODE_HANDLE" {
+                        enqueue(
+                            &outbox,
+                            &queued,
+                            Bytes::from_static(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"),
+                        );
+                    }
+                }
+                Ok(value) => on_message(value),
+                Err(err) => tracing::debug!(%err, "a worker sent a line that is not JSON"),
+            }
+        }
+        if buf.len() > MAX_INCOMING_LINE {
+            buf.clear();
+            discarding = true;
+        }
+    }
+}
+
+/// Node's own messages: objects whose `cmd` starts with `NODE_`.
+fn is_node_internal(value: &Value) -> bool {
+    value
+        .get("cmd")
+        .and_then(Value::as_str)
+        .is_some_and(|cmd| cmd.starts_with("NODE_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_compact_single_lines() {
+        let value: Value = serde_json::from_str("{ \"usersCount\" :\n 25 }").unwrap();
+        assert_eq!(&Message::new(&value).0[..], b"{\"usersCount\":25}\n");
+    }
+
+    #[test]
+    fn node_internal_messages_are_recognised() {
+        assert!(is_node_internal(&serde_json::json!({"cmd": "NODE_HANDLE"})));
+        assert!(!is_node_internal(&serde_json::json!({"cmd": "reload"})));
+        assert!(!is_node_internal(&serde_json::json!("ready")));
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_instead_of_blocking() {
+        let (lb, _worker) = pair().unwrap();
+        let channel = Channel::start(lb, |_| {}).unwrap();
+        let big = Message::new(&Value::String("x".repeat(512 * 1024)));
+        // The worker never reads: the socket buffer and then the outbox fill up.
+        let sent = (0..64).filter(|_| channel.send(&big)).count();
+        assert!(sent < 64, "every message was accepted");
+        assert!(channel.queued.load(Ordering::Relaxed) <= OUTBOX_BYTES);
+    }
+}

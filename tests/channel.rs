@@ -1,0 +1,259 @@
+//! The message channel (contract §3): broadcasts, the feed, `ready: message`, a worker
+//! that never reads, and real Node and Python workers.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::{DEADLINE, LB, Lb, alive, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn repo() -> &'static str {
+    env!("CARGO_MANIFEST_DIR")
+}
+
+/// `GET /` over HTTP/1.0; returns the body.
+fn get(addr: SocketAddr) -> String {
+    let mut stream = common::connect(addr);
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn node_service(count: usize, feed: &str) -> String {
+    format!(
+        r#"
+services:
+  - name: app
+    listen: {{listen}}
+    workers:
+      command: ["node", "server.js"]
+      cwd: {repo}/examples/node-cluster
+      count: {count}
+      ready: message
+      env: {{ WORK: "0" }}
+      restart_backoff: {{ initial: 100ms, max: 100ms }}
+{feed}"#,
+        repo = repo()
+    )
+}
+
+fn lb_cli(lb: &Lb, args: &[&str]) -> std::process::Output {
+    let admin = lb.admin.expect("admin API").to_string();
+    Command::new(LB)
+        .args(["--admin", &admin])
+        .args(args)
+        .output()
+        .expect("run lb")
+}
+
+#[test]
+fn lb_broadcast_reaches_every_node_worker() {
+    let lb = Lb::start(&node_service(3, ""));
+    lb.wait_ready(3);
+    let out = lb_cli(&lb, &["broadcast", r#"{"usersCount":25}"#]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "delivered to 3 workers\n"
+    );
+    let bodies: Vec<String> = (0..3).map(|_| get(lb.listen)).collect();
+    for body in &bodies {
+        assert!(body.starts_with("Users: 25 "), "{bodies:?}");
+    }
+    let workers: std::collections::HashSet<&str> = bodies
+        .iter()
+        .filter_map(|b| b.split("worker ").nth(1))
+        .collect();
+    assert_eq!(
+        workers.len(),
+        3,
+        "round-robin reached all three: {bodies:?}"
+    );
+}
+
+#[test]
+fn fed_values_reach_workers_and_a_restarted_worker_starts_with_the_latest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("count");
+    // 5, 25, 625, then silence: after that, only lb's memory of the last value can
+    // give a new worker 625.
+    let feed = format!(
+        r#"      feed:
+        command: 'n=$(cat {state} 2>/dev/null || echo 0); case $n in 0) n=5;; 5) n=25;; 25) n=625;; *) exit 0;; esac; echo $n > {state}; echo "{{\"usersCount\": $n}}"'
+        every: 300ms
+"#,
+        state = state.display()
+    );
+    let lb = Lb::start(&node_service(2, &feed));
+    lb.wait_ready(2);
+    wait_until("both workers serve 625", DEADLINE, || {
+        (0..2).all(|_| get(lb.listen).starts_with("Users: 625 "))
+    });
+    let old = lb.worker_pid(0);
+    kill(Pid::from_raw(old), Signal::SIGKILL).expect("kill worker 0");
+    wait_until("worker 0 back", DEADLINE, || {
+        lb.worker_pid(0) != old && lb.lines("worker ready").len() >= 3
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&lb.admin("GET", "/status", b"").1).expect("status");
+    let port = status["services"][0]["workers"][0]["port"]
+        .as_u64()
+        .expect("port") as u16;
+    let first = get(SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(
+        first.starts_with("Users: 625 (worker 0"),
+        "first answer of the new worker: {first}"
+    );
+}
+
+#[test]
+fn a_worker_that_never_reads_its_channel_never_slows_lb() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: deaf
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+      feed:
+        command: ["seq", "1", "100000"]
+        every: 1h
+"#,
+    );
+    lb.wait_ready(2);
+    let dropped = || {
+        let text = lb.admin("GET", "/metrics", b"").1;
+        text.lines()
+            .find(|l| l.starts_with("lb_messages_dropped_total{service=\"deaf\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_until("100,000 values fed and mostly dropped", DEADLINE, || {
+        dropped() > 150_000.0
+    });
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        assert_eq!(common::echo(lb.listen, b"still fast"), b"still fast");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "200 connections took {took:?}"
+    );
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", lb.pid()))
+        .expect("lb status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .expect("VmRSS");
+    assert!(rss_kib < 200 * 1024, "lb uses {rss_kib} KiB");
+    assert_eq!(
+        lb.lines("not reading its channel").len(),
+        2,
+        "one line per worker, not per message"
+    );
+}
+
+#[test]
+fn ready_message_gates_connections_and_times_out() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    timeouts: { connect: 10s }
+    workers:
+      command: ["{worker}"]
+      count: 1
+      ready: message
+      env: { READY_MESSAGE_AFTER_MS: "800" }
+"#,
+    );
+    lb.wait_log("listening");
+    // The worker listens at once, but lb holds this client until it says "ready".
+    assert_eq!(common::echo(lb.listen, b"after ready"), b"after ready");
+    let log = lb.log();
+    let ready_at = log
+        .find("[web/0] sent ready")
+        .expect("the worker said ready");
+    let accepted_at = log
+        .find("[web/0] accepted a connection")
+        .expect("the connection arrived");
+    assert!(
+        ready_at < accepted_at,
+        "a connection reached the worker before it was ready:\n{log}"
+    );
+
+    let silent = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 1
+      ready: message
+      ready_timeout: 1s
+      env: { READY_MESSAGE_AFTER_MS: "600000" }
+"#,
+    );
+    silent.wait_log("worker not ready within ready_timeout; killing it");
+    assert!(silent.lines("[web/0] accepted a connection").is_empty());
+}
+
+#[test]
+fn a_python_worker_receives_a_broadcast_and_its_answer_is_logged() {
+    let config = format!(
+        r#"
+services:
+  - name: py
+    listen: {{listen}}
+    workers:
+      command: ["python3", "-u", "worker.py"]
+      cwd: {}/examples/python
+      count: 2
+"#,
+        repo()
+    );
+    let mut command_env = Lb::start_with_env(&config, &[("LB_LOG", "debug")]);
+    let lb = &mut command_env;
+    lb.wait_ready(2);
+    let out = lb_cli(lb, &["broadcast", r#"{"hello":"python"}"#]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "delivered to 2 workers\n",
+        "{out:?}"
+    );
+    wait_until("both answers logged", DEADLINE, || {
+        lb.lines(r#"content={"ack":{"hello":"python"}}"#).len() >= 2
+    });
+    let answers = lb.lines("message from worker");
+    assert!(
+        answers.iter().any(|l| l.contains("worker=py/0"))
+            && answers.iter().any(|l| l.contains("worker=py/1"))
+    );
+    let body = get(lb.listen);
+    assert!(
+        body.contains(r#""last_message": {"hello": "python"}"#),
+        "{body}"
+    );
+    for (_, pid) in lb.started_workers() {
+        assert!(alive(pid));
+    }
+}
