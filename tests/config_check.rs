@@ -294,3 +294,29 @@ fn an_empty_file_is_one_line_and_exit_1() {
         )
     );
 }
+
+#[test]
+fn every_shipped_example_config_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut configs = vec![root.join("config.example.yaml")];
+    for entry in fs::read_dir(root.join("examples")).expect("examples folder") {
+        let config = entry.expect("entry").path().join("lb.yaml");
+        if config.exists() {
+            configs.push(config);
+        }
+    }
+    assert!(configs.len() >= 3, "{configs:?}");
+    for config in configs {
+        let out = Command::new(LB)
+            .arg("check")
+            .arg(&config)
+            .output()
+            .expect("run lb check");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
