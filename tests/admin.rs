@@ -31,15 +31,6 @@ fn worker_states(lb: &Lb) -> Vec<String> {
         .collect()
 }
 
-fn lb_cli(lb: &Lb, args: &[&str]) -> std::process::Output {
-    let admin = lb.admin.expect("admin API").to_string();
-    Command::new(LB)
-        .args(["--admin", &admin])
-        .args(args)
-        .output()
-        .expect("run lb client")
-}
-
 #[test]
 fn healthz_is_200_with_ready_workers_and_503_when_a_service_has_none() {
     let lb = Lb::start(&format!(
@@ -151,7 +142,7 @@ fn post_restart_answers_after_the_rollout_with_every_pid_changed() {
 fn lb_status_prints_a_table_and_json() {
     let lb = Lb::start(TWO_ECHO_WORKERS);
     lb.wait_ready(2);
-    let out = lb_cli(&lb, &["status"]);
+    let out = lb.cli(&["status"]);
     assert!(out.status.success(), "{out:?}");
     let table = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = table.lines().collect();
@@ -169,7 +160,7 @@ fn lb_status_prints_a_table_and_json() {
             "{row}"
         );
     }
-    let out = lb_cli(&lb, &["status", "--json"]);
+    let out = lb.cli(&["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
         json["services"][0]["workers"].as_array().map(Vec::len),
@@ -199,7 +190,7 @@ fn lb_restart_fails_with_the_reason_when_the_rollout_halts() {
     let lb = Lb::start(&config);
     lb.wait_ready(2);
     lb.rewrite_config(&config.replace(r#"command: ["{worker}"]"#, r#"command: ["sleep", "600"]"#));
-    let out = lb_cli(&lb, &["restart"]);
+    let out = lb.cli(&["restart"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -5,9 +5,8 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
-use std::process::Command;
 
-use common::{DEADLINE, LB, Lb, alive, wait_until};
+use common::{DEADLINE, Lb, alive, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -47,20 +46,11 @@ services:
     )
 }
 
-fn lb_cli(lb: &Lb, args: &[&str]) -> std::process::Output {
-    let admin = lb.admin.expect("admin API").to_string();
-    Command::new(LB)
-        .args(["--admin", &admin])
-        .args(args)
-        .output()
-        .expect("run lb")
-}
-
 #[test]
 fn lb_broadcast_reaches_every_node_worker() {
     let lb = Lb::start(&node_service(3, ""));
     lb.wait_ready(3);
-    let out = lb_cli(&lb, &["broadcast", r#"{"usersCount":25}"#]);
+    let out = lb.cli(&["broadcast", r#"{"usersCount":25}"#]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -188,9 +178,10 @@ services:
     lb.wait_log("listening");
     // The worker listens at once, but lb holds this client until it says "ready".
     assert_eq!(common::echo(lb.listen, b"after ready"), b"after ready");
+    lb.wait_log("[web/0] accepted a connection");
     let log = lb.log();
     let ready_at = log
-        .find("[web/0] sent ready")
+        .find("[web/0] sending ready")
         .expect("the worker said ready");
     let accepted_at = log
         .find("[web/0] accepted a connection")
@@ -234,7 +225,7 @@ services:
     let mut command_env = Lb::start_with_env(&config, &[("LB_LOG", "debug")]);
     let lb = &mut command_env;
     lb.wait_ready(2);
-    let out = lb_cli(lb, &["broadcast", r#"{"hello":"python"}"#]);
+    let out = lb.cli(&["broadcast", r#"{"hello":"python"}"#]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "delivered to 2 workers\n",

@@ -9,6 +9,20 @@ use common::{DEADLINE, Lb, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The metric families of the contract (§6).
+const CONTRACT: [&str; 10] = [
+    "lb_connections_total",
+    "lb_connections_active",
+    "lb_bytes_total",
+    "lb_connect_errors_total",
+    "lb_connection_duration_seconds",
+    "lb_workers",
+    "lb_worker_restarts_total",
+    "lb_reloads_total",
+    "lb_backend_up",
+    "lb_messages_dropped_total",
+];
+
 /// The sum of every sample of `name` whose labels include all of `labels`.
 fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
@@ -168,18 +182,7 @@ fn the_metrics_pass_promtool_check() {
         sum(&metrics(&lb), "lb_connect_errors_total", &[]) >= 1.0
     });
     let text = metrics(&lb);
-    for family in [
-        "lb_connections_total",
-        "lb_connections_active",
-        "lb_bytes_total",
-        "lb_connect_errors_total",
-        "lb_connection_duration_seconds",
-        "lb_workers",
-        "lb_worker_restarts_total",
-        "lb_reloads_total",
-        "lb_backend_up",
-        "lb_messages_dropped_total",
-    ] {
+    for family in CONTRACT {
         assert!(
             text.contains(&format!("# TYPE {family} ")),
             "{family} missing:\n{text}"
@@ -211,18 +214,6 @@ fn the_metrics_pass_promtool_check() {
 /// and Prometheus accepts them.
 #[test]
 fn deploy_files_use_only_contract_metrics_and_pass_promtool() {
-    const CONTRACT: [&str; 10] = [
-        "lb_connections_total",
-        "lb_connections_active",
-        "lb_bytes_total",
-        "lb_connect_errors_total",
-        "lb_connection_duration_seconds",
-        "lb_workers",
-        "lb_worker_restarts_total",
-        "lb_reloads_total",
-        "lb_backend_up",
-        "lb_messages_dropped_total",
-    ];
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let dashboard =
         std::fs::read_to_string(deploy.join("grafana-dashboard.json")).expect("dashboard");

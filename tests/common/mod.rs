@@ -188,6 +188,19 @@ impl Lb {
         .expect("rewrite config");
     }
 
+    /// Runs an lb client command (`status`, `broadcast`, ...) against this lb.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let admin = self
+            .admin
+            .expect("lb started with an admin API")
+            .to_string();
+        Command::new(LB)
+            .args(["--admin", &admin])
+            .args(args)
+            .output()
+            .expect("run lb client")
+    }
+
     /// One admin API request; returns the status code and body.
     pub fn admin(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         http(

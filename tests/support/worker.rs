@@ -9,8 +9,8 @@
 //! - `IGNORE_SIGTERM=1`: keep running on SIGTERM (a worker that must be killed).
 //! - `CRASH_WITHIN_MS=N`: crash (exit code 4) at a random moment between N/2 and N ms
 //!   after it starts listening.
-//! - `READY_MESSAGE_AFTER_MS=N`: N ms after it starts listening, send `"ready"` on the
-//!   channel (fd `LB_CHANNEL_FD`) and print `sent ready`. It never reads its channel.
+//! - `READY_MESSAGE_AFTER_MS=N`: N ms after it starts listening, print `sending ready`
+//!   and send `"ready"` on the channel (fd `LB_CHANNEL_FD`). It never reads its channel.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -82,8 +82,9 @@ fn send_ready() {
     // SAFETY: lb opened this descriptor for us and nothing else in this process uses it.
     #[allow(unsafe_code)]
     let mut channel = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    // Printed first: anything lb routes here after "ready" is logged after this line.
+    println!("sending ready");
     channel.write_all(b"\"ready\"\n").expect("write ready");
-    println!("sent ready");
     // Keep the descriptor open (never read it): dropping would close the channel.
     std::mem::forget(channel);
 }
