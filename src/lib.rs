@@ -7,14 +7,16 @@
 //! - [`config`]: the YAML file, validated into a typed [`config::Config`]
 //!   (`file:line:col` errors);
 //! - [`supervisor`]: the one task that owns worker processes and backends: spawns,
-//!   probes, reaps and restarts them, and runs the stop sequence;
+//!   probes, reaps, restarts and rolls them, applies reloads, and runs the stop
+//!   sequence;
 //! - [`snapshot`]: the immutable set of ready backends the supervisor publishes after
 //!   every change, swapped atomically;
 //! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
 //!   and copy bytes to the backend they pick.
 //!
-//! Beside them: [`admin`] is the HTTP API (status, metrics, reload, restart) and its
-//! client, [`metrics`] the Prometheus registry, [`signals`] turns Unix signals into
+//! Beside them: [`channel`] is the fd-3 message channel to each worker, [`admin`] the
+//! HTTP API (status, metrics, reload, restart, broadcast) and its client, [`metrics`] the
+//! Prometheus registry, [`signals`] turns Unix signals into
 //! supervisor events, [`logging`] sets up logs and forwards worker output, [`cli`] is the
 //! command line.
 //!
@@ -23,9 +25,8 @@
 //! Only the supervisor changes state. Everything that happens (a child exits, a probe
 //! succeeds, a connect fails, a signal arrives, a timer fires) is an event in its inbox,
 //! handled one at a time; each handler returns at once and leaves waiting to timers that
-//! send further events. After each change that affects routing, the supervisor builds a
-//! new snapshot and stores it; a connection reads whichever snapshot is current when it
-//! is accepted.
+//! send further events. After each event the supervisor builds a new snapshot and
+//! stores it; a connection reads whichever snapshot is current when it picks a backend.
 
 pub mod admin;
 pub mod channel;
