@@ -11,11 +11,13 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::lines::LineBuffer;
 
 /// Messages a worker may have waiting before more are dropped.
 const OUTBOX_MESSAGES: usize = 1024;
@@ -24,6 +26,15 @@ const OUTBOX_MESSAGES: usize = 1024;
 const OUTBOX_BYTES: usize = 4 * 1024 * 1024;
 /// A longer line from a worker is discarded: no JSON message of ours is that long.
 const MAX_INCOMING_LINE: usize = 1024 * 1024;
+/// Messages from one worker that lb has read and not yet handled. Past this, lb stops
+/// reading that worker's channel until it catches up, so a chatty worker fills its own
+/// socket buffer (and blocks in its own writes) rather than lb's memory.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// One message from a worker on its way to being handled; the channel reads more only
+/// while fewer than [`MAX_IN_FLIGHT`] of these exist.
+#[derive(Debug)]
+pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// One message, encoded once and shared by every worker it is sent to.
 #[derive(Debug, Clone)]
@@ -58,7 +69,7 @@ impl Channel {
     /// `on_message`, except Node's internal `{"cmd": "NODE_…"}` messages.
     pub fn start(
         lb_end: StdUnixStream,
-        on_message: impl Fn(Value) + Send + 'static,
+        on_message: impl Fn(Value, InFlight) + Send + 'static,
     ) -> io::Result<Channel> {
         lb_end.set_nonblocking(true)?;
         let (read, write) = UnixStream::from_std(lb_end)?.into_split();
@@ -121,21 +132,21 @@ async fn read_loop(
     mut read: tokio::net::unix::OwnedReadHalf,
     outbox: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
-    on_message: impl Fn(Value),
+    on_message: impl Fn(Value, InFlight),
 ) {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut lines = LineBuffer::default();
     let mut discarding = false;
     loop {
-        match read.read_buf(&mut buf).await {
+        match read.read_buf(lines.buf_mut()).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line = buf.split_to(end + 1);
+        while let Some(line) = lines.next_line() {
             if std::mem::take(&mut discarding) {
                 continue;
             }
-            match serde_json::from_slice::<Value>(&line[..end]) {
+            match serde_json::from_slice::<Value>(&line) {
                 Ok(value) if is_node_internal(&value) => {
                     // Node holds back every later send until a handle is acknowledged.
                     if value["cmd"] == "NODE_HANDLE" {
@@ -146,12 +157,17 @@ async fn read_loop(
                         );
                     }
                 }
-                Ok(value) => on_message(value),
+                Ok(value) => {
+                    let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                        return;
+                    };
+                    on_message(value, InFlight(permit));
+                }
                 Err(err) => tracing::debug!(%err, "a worker sent a line that is not JSON"),
             }
         }
-        if buf.len() > MAX_INCOMING_LINE {
-            buf.clear();
+        if lines.pending() > MAX_INCOMING_LINE {
+            lines.take_pending();
             discarding = true;
         }
     }
@@ -185,7 +201,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_outbox_drops_instead_of_blocking() {
         let (lb, _worker) = pair().unwrap();
-        let channel = Channel::start(lb, |_| {}).unwrap();
+        let channel = Channel::start(lb, |_, _| {}).unwrap();
         let big = Message::new(&Value::String("x".repeat(512 * 1024)));
         // The worker never reads: the socket buffer and then the outbox fill up.
         let sent = (0..64).filter(|_| channel.send(&big)).count();

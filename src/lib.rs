@@ -32,6 +32,7 @@ pub mod admin;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod lines;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

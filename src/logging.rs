@@ -5,9 +5,10 @@ use std::io::{IsTerminal as _, Write as _};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::io::AsyncReadExt as _;
 use tracing_subscriber::EnvFilter;
+
+use crate::lines::LineBuffer;
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,16 +51,15 @@ pub fn forward_output(label: Arc<str>, stream: OutputStream, fd: OwnedFd) {
         let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
             return;
         };
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut lines = LineBuffer::default();
         loop {
-            let read = pipe.read_buf(&mut buf).await;
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line = buf.split_to(end + 1);
-                emit(&label, stream, &line[..end]);
+            let read = pipe.read_buf(lines.buf_mut()).await;
+            while let Some(line) = lines.next_line() {
+                emit(&label, stream, &line);
             }
             let done = !matches!(read, Ok(n) if n > 0);
-            if (done || buf.len() >= MAX_LINE) && !buf.is_empty() {
-                emit(&label, stream, &buf.split());
+            if (done || lines.pending() >= MAX_LINE) && lines.pending() > 0 {
+                emit(&label, stream, &lines.take_pending());
             }
             if done {
                 return;

@@ -164,6 +164,23 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a backend that left the config (a static backend, a slot
+    /// scaled away), so label sets stay bounded however often the config changes.
+    pub fn forget_backend(&self, service: &str, worker: &str) {
+        let labels = [service, worker];
+        let _ = self.connections_total.remove_label_values(&labels);
+        let _ = self.connections_active.remove_label_values(&labels);
+        let _ = self.connect_errors_total.remove_label_values(&labels);
+    }
+
+    /// Drops the per-service series of a service that left the config.
+    pub fn forget_service(&self, service: &str) {
+        let _ = self.bytes_total.remove_label_values(&[service, "in"]);
+        let _ = self.bytes_total.remove_label_values(&[service, "out"]);
+        let _ = self.connection_duration.remove_label_values(&[service]);
+        let _ = self.messages_dropped_total.remove_label_values(&[service]);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

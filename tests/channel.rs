@@ -248,3 +248,107 @@ services:
         assert!(alive(pid));
     }
 }
+
+#[test]
+fn a_ready_message_worker_is_not_killed_when_its_ready_timeout_passes() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 1
+      ready: message
+      ready_timeout: 700ms
+      env: { READY_MESSAGE_AFTER_MS: "50" }
+"#,
+    );
+    lb.wait_ready(1);
+    let pid = lb.worker_pid(0);
+    // Well past the deadline it met: the deadline must not fire against it.
+    let ready = std::time::Instant::now();
+    wait_until("three ready_timeouts to pass", DEADLINE, || {
+        ready.elapsed() > std::time::Duration::from_millis(2100)
+    });
+    assert!(
+        lb.lines("not ready within ready_timeout").is_empty(),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(lb.worker_pid(0), pid);
+    assert!(alive(pid));
+}
+
+#[test]
+fn a_feed_run_that_hangs_is_killed_with_its_children_and_its_output_still_counts() {
+    let lb = Lb::start_with_env(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 1
+      feed:
+        command: "sleep 1001 & echo '{\"n\": 1}'; exec sleep 1002"
+        every: 300ms
+"#,
+        &[("LB_LOG", "debug")],
+    );
+    lb.wait_ready(1);
+    wait_until("three hung runs killed", DEADLINE, || {
+        lb.lines("did not finish within `every`; killed it").len() >= 3
+    });
+    wait_until("the killed runs' output broadcast", DEADLINE, || {
+        lb.lines("feed: broadcast")
+            .iter()
+            .any(|l| l.contains("values=1"))
+    });
+    let leftovers = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.starts_with(b"sleep\x00100"))
+        .count();
+    assert!(
+        leftovers <= 2,
+        "{leftovers} sleeps left behind by killed feed runs"
+    );
+}
+
+#[test]
+fn a_worker_flooding_its_channel_cannot_bloat_or_stall_lb() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: chatty
+    listen: {listen}
+    workers:
+      command: "yes 1 >&3 & exec {worker}"
+      count: 1
+"#,
+    );
+    lb.wait_ready(1);
+    for _ in 0..20 {
+        let asked = std::time::Instant::now();
+        assert_eq!(lb.admin("GET", "/status", b"").0, 200);
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(2),
+            "/status took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(common::echo(lb.listen, b"served"), b"served");
+    }
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", lb.pid()))
+        .expect("lb status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .expect("VmRSS");
+    assert!(rss_kib < 200 * 1024, "lb uses {rss_kib} KiB");
+}

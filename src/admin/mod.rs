@@ -19,7 +19,7 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tracing::debug;
 
 use crate::channel::Message;
@@ -29,8 +29,11 @@ use crate::supervisor::{CommandError, Event, Inbox};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send its request headers, and then its body, each within this time.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once: enough for scrapers and operators, and far below the
+/// file descriptors the proxy needs, so idle admin clients cannot starve it.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What the handlers need.
 #[derive(Debug, Clone)]
@@ -51,8 +54,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves the admin API until lb exits.
 pub fn serve(listener: TcpListener, admin: Admin) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let permit = Arc::clone(&limit)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let Ok((stream, peer)) = listener.accept().await else {
                 // Out of file descriptors: the proxy has priority; try again shortly.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -63,11 +71,12 @@ pub fn serve(listener: TcpListener, admin: Admin) {
                 let service = hyper::service::service_fn(move |req| handle(admin.clone(), req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                    .header_read_timeout(READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(err) = conn.await {
                     debug!(%peer, %err, "admin connection ended");
                 }
+                drop(permit);
             });
         }
     });
@@ -100,9 +109,15 @@ async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallibl
         );
         return Ok(reply);
     }
-    let body = match read_body(req).await {
-        Ok(body) => body,
-        Err(reply) => return Ok(reply),
+    let body = match tokio::time::timeout(READ_TIMEOUT, read_body(req)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(reply)) => return Ok(reply),
+        Err(_) => {
+            return Ok(text(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time\n",
+            ));
+        }
     };
     Ok(match path.as_str() {
         "/metrics" => {

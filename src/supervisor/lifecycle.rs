@@ -115,6 +115,15 @@ impl Supervisor {
         let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
         let backend = worker_backend(id, name, slot, addr, close, &self.metrics);
         let (lb_end, worker_end) = channel::pair()?;
+        // The channel first: once the process runs, nothing may fail before it is tracked.
+        let tx = self.tx.clone();
+        let channel = Channel::start(lb_end, move |value, in_flight| {
+            let _ = tx.send(Event::Message {
+                id,
+                value,
+                in_flight,
+            });
+        })?;
         let pid = worker::spawn(
             worker::Identity {
                 service: name,
@@ -128,10 +137,6 @@ impl Supervisor {
         drop(worker_end);
         self.watchdog.started(pid);
         info!(service = %name, worker = slot, %pid, port, "worker started");
-        let tx = self.tx.clone();
-        let channel = Channel::start(lb_end, move |value| {
-            let _ = tx.send(Event::Message { id, value });
-        })?;
         if let Some(last) = &self.services[si].feed.last {
             channel.send(last);
         }
@@ -279,7 +284,11 @@ impl Supervisor {
             .worker
             .as_mut()
             .expect("place_of_backend found a worker");
+        if worker.state == WorkerState::Ready {
+            return;
+        }
         worker.state = WorkerState::Ready;
+        worker.ready_once = true;
         worker.backend.stats.mark_up();
         info!(service = %svc.config.name, worker = slot, pid = %worker.pid, after = ?worker.started.elapsed(), "worker ready");
     }

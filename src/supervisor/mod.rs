@@ -12,6 +12,7 @@
 
 mod backoff;
 mod command;
+mod feed;
 mod lifecycle;
 mod messages;
 mod probe;
@@ -74,10 +75,11 @@ pub enum Event {
         service: Option<String>,
         reply: Option<Reply>,
     },
-    /// A worker sent a message on its channel.
+    /// A worker sent a message on its channel; `in_flight` lets it send more once dropped.
     Message {
         id: BackendId,
         value: serde_json::Value,
+        in_flight: crate::channel::InFlight,
     },
     /// `POST /broadcast`: send a message to every ready worker of one service or all.
     Broadcast {
@@ -148,6 +150,7 @@ pub struct Supervisor {
     phase: Phase,
     watchdog: Watchdog,
     metrics: Metrics,
+    feed_runs: feed::FeedRuns,
     /// The gauge series last exported, so series of removed slots and services go away.
     exported: report::Exported,
 }
@@ -181,6 +184,7 @@ impl Supervisor {
             phase: Phase::Running,
             watchdog,
             metrics,
+            feed_runs: feed::FeedRuns::default(),
             exported: report::Exported::default(),
         };
         for svc in &config.services {
@@ -214,7 +218,12 @@ impl Supervisor {
         while !self.finished() {
             tokio::select! {
                 Some(event) = self.events.recv() => {
-                    let read_only = matches!(event, Event::Status { .. });
+                    // Only a "ready" among worker messages changes anything.
+                    let read_only = match &event {
+                        Event::Status { .. } => true,
+                        Event::Message { value, .. } => *value != "ready",
+                        _ => false,
+                    };
                     self.handle(event);
                     // One place publishes, after every change: no handler can forget to,
                     // and nothing between two publishes is ever visible to the proxy.
@@ -246,7 +255,14 @@ impl Supervisor {
                 command::answer(reply, result);
             }
             Event::Restart { service, reply } => self.restart(service, reply.into_iter().collect()),
-            Event::Message { id, value } => self.message(id, value),
+            Event::Message {
+                id,
+                value,
+                in_flight,
+            } => {
+                self.message(id, value);
+                drop(in_flight);
+            }
             Event::Broadcast {
                 service,
                 message,

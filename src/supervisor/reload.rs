@@ -83,6 +83,14 @@ impl Supervisor {
         for s in &svc.statics {
             s.probe.cancel();
         }
+        self.kill_feed(name);
+        for s in &svc.statics {
+            self.metrics.forget_backend(name, &s.backend.label);
+        }
+        for slot in 0..svc.slots.len() {
+            self.metrics.forget_backend(name, &slot.to_string());
+        }
+        self.metrics.forget_service(name);
         for (slot, s) in svc.slots.into_iter().enumerate() {
             if let Some(replacement) = s.replacement {
                 self.discard(name, slot, replacement);
@@ -118,13 +126,24 @@ impl Supervisor {
             svc.listeners.close(addr);
             info!(service = %name, %addr, "stopped listening");
         }
+        let metrics = &self.metrics;
         svc.statics.retain(|s| {
             let keep = !change.backends_removed.contains(&s.spec());
             if !keep {
                 s.probe.cancel();
+                metrics.forget_backend(&name, &s.backend.label);
             }
             keep
         });
+        let feed = |c: &ServiceConfig| c.workers.as_ref().and_then(|w| w.feed.clone());
+        if feed(&svc.config) != feed(&config) {
+            // A new timer with the new settings starts at the end of the reload; the old
+            // one stops at its next tick. A removed feed's last value goes with it.
+            svc.feed.chain = None;
+            if feed(&config).is_none() {
+                svc.feed.last = None;
+            }
+        }
         svc.config = config;
         for spec in &change.backends_added {
             let backend = self.static_backend(&name, spec);
@@ -156,6 +175,7 @@ impl Supervisor {
             if let Some(worker) = s.worker {
                 self.retire(&name, slot, worker, "scale");
             }
+            self.metrics.forget_backend(&name, &slot.to_string());
         }
         self.rollout_forget(&name, count);
     }

@@ -204,6 +204,7 @@ impl Supervisor {
             .take()
             .expect("place_of_backend found a replacement");
         new.state = WorkerState::Ready;
+        new.ready_once = true;
         new.backend.stats.mark_up();
         info!(service = %name, worker = slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
         if new.config.restart_backoff != s.config.restart_backoff {

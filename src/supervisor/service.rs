@@ -79,10 +79,9 @@ impl Slot {
 /// The `feed` command of a service.
 #[derive(Debug, Default)]
 pub(super) struct FeedState {
-    /// The id of the timer chain that runs it; None when the service has no feed.
+    /// The id of the timer chain that runs it; None when the service has no feed (or
+    /// a reload changed it, and a new chain is about to start).
     pub chain: Option<u64>,
-    /// The run in progress: runs never overlap.
-    pub running: Option<Pid>,
     /// The latest value it printed, given to every worker that starts afterwards.
     pub last: Option<Message>,
 }
