@@ -14,6 +14,22 @@ fn repo() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
+/// lb's resident memory stays far below what an unbounded queue would reach.
+fn assert_memory_bounded(lb: &Lb) {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).expect("lb status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .expect("VmRSS");
+    assert!(rss_kib < 200 * 1024, "lb uses {rss_kib} KiB");
+}
+
 /// `GET /` over HTTP/1.0; returns the body.
 fn get(addr: SocketAddr) -> String {
     let mut stream = common::connect(addr);
@@ -141,18 +157,7 @@ services:
         took < std::time::Duration::from_secs(10),
         "200 connections took {took:?}"
     );
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", lb.pid()))
-        .expect("lb status")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .expect("VmRSS");
-    assert!(rss_kib < 200 * 1024, "lb uses {rss_kib} KiB");
+    assert_memory_bounded(&lb);
     assert_eq!(
         lb.lines("not reading its channel").len(),
         2,
@@ -339,16 +344,5 @@ services:
         );
         assert_eq!(common::echo(lb.listen, b"served"), b"served");
     }
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", lb.pid()))
-        .expect("lb status")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .expect("VmRSS");
-    assert!(rss_kib < 200 * 1024, "lb uses {rss_kib} KiB");
+    assert_memory_bounded(&lb);
 }
