@@ -34,7 +34,10 @@ const MAX_IN_FLIGHT: usize = 64;
 /// One message from a worker on its way to being handled; the channel reads more only
 /// while fewer than [`MAX_IN_FLIGHT`] of these exist.
 #[derive(Debug)]
-pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct InFlight(
+    #[expect(dead_code, reason = "held only so that dropping it frees the slot")]
+    OwnedSemaphorePermit,
+);
 
 /// One message, encoded once and shared by every worker it is sent to.
 #[derive(Debug, Clone)]
