@@ -34,11 +34,33 @@ pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// A port that was free a moment ago, for configs that must name their listen port.
+///
+/// Taken from below the kernel's ephemeral range: a port from `bind(:0)` can be handed
+/// to a client socket's `connect` (or to lb's workers) before lb binds it, which made
+/// tests fail with "address in use" under parallel load. Below the range only other
+/// `free_port` calls compete: a counter keeps this process's apart, and the start
+/// point, taken from the pid, keeps test processes apart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind :0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(FIRST);
+    if span < 1_000 {
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind :0");
+    }
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    (0..span)
+        .map(|_| (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span)
+        .filter_map(|offset| u16::try_from(FIRST + offset).ok())
+        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// The value of `key=value` in a log line, without quotes.
@@ -298,11 +320,21 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, St
 }
 
 impl Drop for Lb {
-    /// Kills lb and every worker it started, even when the test failed half way.
+    /// Kills lb and every worker it started, even when the test failed half way, and
+    /// then shows the end of lb's log if it did.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            // The test's own message says what went wrong; lb's log says why.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of lb's log ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
         }
         for (_, pid) in self.started_workers() {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
