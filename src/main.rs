@@ -107,13 +107,18 @@ fn admin_address(cli: &Cli) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     match config::admin_address(&cli.config) {
-        None => Ok(config::DEFAULT_ADMIN),
-        Some(Ok(Some(addr))) => Ok(addr),
-        Some(Ok(None)) => Err(format!(
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err(format!(
             "{}: admin.listen is null, so lb has no admin API to ask",
             cli.config.display()
         )),
-        Some(Err(err)) => Err(format!("{err} (or pass --admin ADDR)")),
+        // A running lb still answers, and for `lb reload` it reports the same error
+        // itself; the default address is the best guess at where it listens.
+        Err(err) => {
+            let addr = config::DEFAULT_ADMIN;
+            eprintln!("lb: {err}; asking the default admin address {addr} (or pass --admin ADDR)");
+            Ok(addr)
+        }
     }
 }
 

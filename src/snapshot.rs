@@ -157,6 +157,11 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub pools: HashMap<String, Arc<Pool>>,
+    /// The pool of the service that owns each listen address. Connections are routed by
+    /// the address they arrived on, not by the accept loop that took them, so one that
+    /// the old loop of an address handed over in a reload accepts still reaches the
+    /// address's new service.
+    pub listeners: HashMap<SocketAddr, Arc<Pool>>,
 }
 
 /// The current snapshot, and a way to wait for the next one.
@@ -177,13 +182,13 @@ impl Snapshots {
         self.changed.notify_waiters();
     }
 
-    /// The pool of `service` once it has a ready backend. A client may wait up to the
-    /// service's connect timeout for one (at startup, or while every worker restarts)
-    /// instead of being closed at once; `None` if none appears by then, or the service
-    /// is gone.
-    pub async fn ready_pool(&self, service: &str) -> Option<Arc<Pool>> {
+    /// The pool of the service listening on `listen` once it has a ready backend. A
+    /// client may wait up to the service's connect timeout for one (at startup, or
+    /// while every worker restarts) instead of being closed at once; `None` if none
+    /// appears by then, or no service listens there any more.
+    pub async fn ready_pool(&self, listen: SocketAddr) -> Option<Arc<Pool>> {
         // The common case touches nothing shared but the ArcSwap.
-        let pool = Arc::clone(self.load().pools.get(service)?);
+        let pool = Arc::clone(self.load().listeners.get(&listen)?);
         if !pool.is_empty() {
             return Some(pool);
         }
@@ -192,7 +197,7 @@ impl Snapshots {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let pool = Arc::clone(self.load().pools.get(service)?);
+            let pool = Arc::clone(self.load().listeners.get(&listen)?);
             if !pool.is_empty() {
                 return Some(pool);
             }

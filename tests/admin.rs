@@ -217,3 +217,36 @@ fn oversized_malformed_and_misrouted_requests_are_refused_and_lb_keeps_serving()
     assert_eq!(echo(lb.listen, b"still serving"), b"still serving");
     assert_eq!(lb.admin("GET", "/healthz", b"").0, 200);
 }
+
+#[test]
+fn client_commands_fall_back_to_the_default_address_when_the_config_does_not_parse() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broken = dir.path().join("lb.yaml");
+    std::fs::write(
+        &broken,
+        "services:\n  - name: web\n    listen: [127.0.0.1:1\n",
+    )
+    .expect("write");
+    let out = Command::new(LB)
+        .args(["status", "--config"])
+        .arg(&broken)
+        .output()
+        .expect("run lb status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains("lb.yaml:"), "{err}");
+    assert!(
+        first.ends_with("asking the default admin address 127.0.0.1:9900 (or pass --admin ADDR)"),
+        "{err}"
+    );
+
+    // An empty file names no address: the default, without a complaint.
+    std::fs::write(&broken, "").expect("empty the file");
+    let out = Command::new(LB)
+        .args(["status", "--config"])
+        .arg(&broken)
+        .output()
+        .expect("run lb status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("empty"), "{err}");
+}

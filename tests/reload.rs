@@ -141,6 +141,55 @@ fn a_service_added_by_reload_serves_on_its_port_and_goes_away_when_removed() {
 }
 
 #[test]
+fn renaming_a_service_hands_its_address_over_without_refusing_a_client() {
+    let named = |name: &str| echo_service(2).replace("name: web", &format!("name: {name}"));
+    let lb = Lb::start(&named("web"));
+    lb.wait_ready(2);
+    let old: Vec<i32> = lb.ready_pids().into_values().collect();
+    let load = Load::start(lb.listen, 3, 0);
+    load.wait_for(100);
+
+    lb.rewrite_config(&named("www"));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 1);
+    lb.wait_ready(4);
+    wait_until("the old service's workers stopped", DEADLINE, || {
+        old.iter().all(|p| !alive(*p))
+    });
+    load.wait_for(100);
+    let report = load.stop();
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} failed: {:?}",
+        report.failures.len(),
+        report.ok,
+        &report.failures[..report.failures.len().min(5)]
+    );
+    let status = lb.cli(&["status", "--json"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(r#""name": "www""#), "{status}");
+    assert!(!status.contains(r#""name": "web""#), "{status}");
+}
+
+#[test]
+fn widening_a_listen_address_in_one_reload_is_refused_with_the_way_out() {
+    let lb = Lb::start(&echo_service(1));
+    lb.wait_ready(1);
+    let wide = format!("0.0.0.0:{}", lb.listen.port());
+    lb.rewrite_config(&echo_service(1).replace("{listen}", &wide));
+    let (code, body) = lb.admin("POST", "/reload", b"");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains(&format!(
+            "could not listen on {wide}: it overlaps {}, where lb listens for service web",
+            lb.listen
+        )),
+        "{body}"
+    );
+    assert_eq!(common::echo(lb.listen, b"still up"), b"still up");
+}
+
+#[test]
 fn changed_worker_settings_roll_only_that_service() {
     let two = format!(
         r#"{}

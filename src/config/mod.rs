@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 
 pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
-pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck};
+pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck, addresses_clash};
 
 /// Where the admin API listens unless the config says otherwise: loopback only.
 pub const DEFAULT_ADMIN: SocketAddr =
@@ -123,8 +123,9 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors
 
 /// The admin address for the client commands (`lb status`, `lb reload`, ...), read from
 /// `admin.listen` alone, so a file with errors elsewhere (the one about to be reloaded)
-/// still names it. `None` if the file cannot be read; `Ok(None)` if it turns the API off.
-pub fn admin_address(path: &Path) -> Option<Result<Option<SocketAddr>, ConfigError>> {
+/// still names it. The default address if the file cannot be read, is empty or has no
+/// `admin.listen`; `Ok(None)` if it turns the API off; an error if it is not YAML.
+pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
     #[derive(serde::Deserialize)]
     struct AdminOnly {
         #[serde(default)]
@@ -135,9 +136,12 @@ pub fn admin_address(path: &Path) -> Option<Result<Option<SocketAddr>, ConfigErr
         #[serde(default)]
         listen: types::AdminListen,
     }
-    let text = std::fs::read_to_string(path).ok()?;
-    let parsed: Result<AdminOnly, _> = validate::deserialize(&text, &path.display().to_string());
-    Some(parsed.map(|a| a.admin.listen.resolve()))
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if validate::is_blank(&text) {
+        return Ok(Some(DEFAULT_ADMIN));
+    }
+    let parsed: AdminOnly = validate::deserialize(&text, &path.display().to_string())?;
+    Ok(parsed.admin.listen.resolve())
 }
 
 impl Config {

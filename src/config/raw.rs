@@ -8,7 +8,8 @@ use serde_saphyr::Spanned;
 
 use super::types::{
     AdminListen, BackendSpec, Balance, CommandSpec, ConnectionLimit, DurationStr, ListenAddrs,
-    NotSupportedYet, ReadyCheck, ScalarText, ServiceName, SignalName, WorkerCount, choice,
+    NotSupportedYet, PositiveDuration, ReadyCheck, ScalarText, ServiceName, SignalName,
+    WorkerCount, choice,
 };
 
 #[derive(Debug, Deserialize)]
@@ -53,9 +54,9 @@ pub(super) struct RawService {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTimeouts {
     #[serde(default)]
-    pub connect: Option<DurationStr>,
+    pub connect: Option<PositiveDuration>,
     #[serde(default)]
-    pub idle: Option<DurationStr>,
+    pub idle: Option<PositiveDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,7 +72,7 @@ pub(super) struct RawWorkers {
     #[serde(default)]
     pub ready: Option<ReadyCheck>,
     #[serde(default)]
-    pub ready_timeout: Option<DurationStr>,
+    pub ready_timeout: Option<PositiveDuration>,
     #[serde(default)]
     pub drain_timeout: Option<DurationStr>,
     #[serde(default)]
@@ -88,14 +89,14 @@ pub(super) struct RawWorkers {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFeed {
     pub command: CommandSpec,
-    pub every: DurationStr,
+    pub every: PositiveDuration,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackoff {
     #[serde(default)]
-    pub initial: Option<DurationStr>,
+    pub initial: Option<PositiveDuration>,
     #[serde(default)]
     pub max: Option<DurationStr>,
 }
@@ -106,14 +107,8 @@ pub(super) struct ProxyProtocolOff;
 
 impl<'de> Deserialize<'de> for ProxyProtocolOff {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // YAML 1.1 readers turn a bare `off` into false; accept both spellings.
         let text = ScalarText::deserialize(d)?;
-        let text = if text.0 == "false" {
-            "off"
-        } else {
-            text.0.as_str()
-        };
-        choice(text, &["off"], &["v1", "v2"])?;
+        choice(&text.0, &["off"], &["v1", "v2"])?;
         Ok(ProxyProtocolOff)
     }
 }

@@ -16,6 +16,25 @@ fn invalid<E: de::Error>(what: &str, found: impl fmt::Display) -> E {
     E::custom(format_args!("expected {what}, found {found}"))
 }
 
+/// Visitor methods that refuse the scalars YAML reads as numbers or booleans with our
+/// message, placed at the value; serde's own "invalid type" error points at the key.
+macro_rules! refuse_non_text_scalars {
+    ($what:expr, $value:ty) => {
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<$value, E> {
+            Err(invalid($what, v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<$value, E> {
+            Err(invalid($what, v))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<$value, E> {
+            Err(invalid($what, v))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<$value, E> {
+            Err(invalid($what, v))
+        }
+    };
+}
+
 /// A value as a person wrote it in an error: numbers bare (`found -2`), text quoted.
 fn shown(text: &str) -> String {
     if text.parse::<f64>().is_ok() {
@@ -35,12 +54,32 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const WHAT: &str = "a duration like 250ms, 30s, 5m or 1h, up to 365d";
-        let text = ScalarText::deserialize(d)?;
-        match humantime::parse_duration(&text.0) {
-            Ok(d) if d <= MAX_DURATION => Ok(DurationStr(d)),
-            _ => Err(invalid(WHAT, shown(&text.0))),
+        duration(d, true).map(DurationStr)
+    }
+}
+
+/// A duration that must not be zero: a timeout or a period of 0s would close every
+/// connection at once, fail every worker, or run a command in a busy loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for PositiveDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration(d, false).map(PositiveDuration)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D, zero_allowed: bool) -> Result<Duration, D::Error> {
+    let text = ScalarText::deserialize(d)?;
+    match humantime::parse_duration(&text.0) {
+        Ok(d) if d.is_zero() && !zero_allowed => {
+            Err(invalid("a duration longer than 0s", shown(&text.0)))
         }
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(invalid(
+            "a duration like 250ms, 30s, 5m or 1h, up to 365d",
+            shown(&text.0),
+        )),
     }
 }
 
@@ -134,6 +173,15 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// Whether two listen addresses cannot both be bound: the same port, and the same IP or
+/// a wildcard that covers the other (`[::]` covers IPv4 too: Linux binds it dual-stack).
+pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// `admin.listen`: an address, `null` to turn the admin API off, or absent for the
 /// default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -169,18 +217,13 @@ impl<'de> Deserialize<'de> for AdminListen {
                 Ok(AdminListen::Disabled)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<AdminListen, E> {
-                let what = "an IP:port address like 127.0.0.1:9900, or null";
                 SocketAddr::from_str(v)
                     .map(AdminListen::Addr)
-                    .map_err(|_| invalid(what, shown(v)))
+                    .map_err(|_| invalid(ADMIN_WHAT, shown(v)))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<AdminListen, E> {
-                Err(invalid(
-                    "an IP:port address like 127.0.0.1:9900, or null",
-                    v,
-                ))
-            }
+            refuse_non_text_scalars!(ADMIN_WHAT, AdminListen);
         }
+        const ADMIN_WHAT: &str = "an IP:port address like 127.0.0.1:9900, or null";
         d.deserialize_any(V)
     }
 }
@@ -214,12 +257,7 @@ impl<'de> Deserialize<'de> for ListenAddrs {
                 let addr = SocketAddr::from_str(v).map_err(|_| invalid(LISTEN_WHAT, shown(v)))?;
                 Ok(ListenAddrs::One(addr))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenAddrs, E> {
-                Err(invalid(LISTEN_WHAT, v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ListenAddrs, E> {
-                Err(invalid(LISTEN_WHAT, v))
-            }
+            refuse_non_text_scalars!(LISTEN_WHAT, ListenAddrs);
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListenAddrs, A::Error> {
                 let mut items = Vec::new();
                 while let Some(item) = seq.next_element()? {
@@ -234,6 +272,8 @@ impl<'de> Deserialize<'de> for ListenAddrs {
         d.deserialize_any(V)
     }
 }
+
+const COMMAND_WHAT: &str = "a list of arguments, or a string run through sh -c";
 
 /// `workers.command`: an argv list run as is, or a string run through `sh -c`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,20 +298,9 @@ impl<'de> Deserialize<'de> for CommandSpec {
         impl<'de> Visitor<'de> for V {
             type Value = CommandSpec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of arguments, or a string run through sh -c")
+                f.write_str(COMMAND_WHAT)
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CommandSpec, E> {
-                Err(invalid(
-                    "a list of arguments, or a string run through sh -c",
-                    v,
-                ))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CommandSpec, E> {
-                Err(invalid(
-                    "a list of arguments, or a string run through sh -c",
-                    v,
-                ))
-            }
+            refuse_non_text_scalars!(COMMAND_WHAT, CommandSpec);
             fn visit_str<E: de::Error>(self, v: &str) -> Result<CommandSpec, E> {
                 if v.trim().is_empty() {
                     return Err(invalid("a command", "an empty string"));
@@ -293,8 +322,9 @@ impl<'de> Deserialize<'de> for CommandSpec {
     }
 }
 
-/// Any YAML scalar as the text a person wrote, so `env: {PORT_OFFSET: 3}` works and
-/// numeric values are checked by our code with our messages.
+/// Any YAML scalar as the text a person wrote, so `env: {PORT_OFFSET: 3}` works, `0644`,
+/// `1.10` and `on` reach a worker unchanged, and numeric values are checked by our code
+/// with our messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScalarText(pub String);
 
@@ -309,20 +339,13 @@ impl<'de> Deserialize<'de> for ScalarText {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarText, E> {
                 Ok(ScalarText(v.to_owned()))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ScalarText, E> {
-                Ok(ScalarText(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarText, E> {
-                Ok(ScalarText(v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ScalarText, E> {
-                Ok(ScalarText(v.to_string()))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarText, E> {
-                Ok(ScalarText(v.to_string()))
+            fn visit_string<E: de::Error>(self, v: String) -> Result<ScalarText, E> {
+                Ok(ScalarText(v))
             }
         }
-        d.deserialize_any(V)
+        // Asking for a string makes the parser hand over the scalar as written rather
+        // than as the number or boolean YAML 1.1 would read it as.
+        d.deserialize_string(V)
     }
 }
 
@@ -345,6 +368,8 @@ impl<'de> Deserialize<'de> for SignalName {
             .map_err(|_| invalid(WHAT, shown(&text.0)))
     }
 }
+
+const BACKEND_WHAT: &str = "host:port, or { address: host:port, weight: N }";
 
 /// One static backend: `host:port`, or `{ address: host:port, weight: N }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,11 +416,12 @@ impl<'de> Deserialize<'de> for BackendSpec {
         impl<'de> Visitor<'de> for V {
             type Value = BackendSpec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("host:port, or { address: host:port, weight: N }")
+                f.write_str(BACKEND_WHAT)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendSpec, E> {
                 BackendSpec::parse(v.to_owned(), 1)
             }
+            refuse_non_text_scalars!(BACKEND_WHAT, BackendSpec);
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
                 let full = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 BackendSpec::parse(full.address, full.weight.map_or(1, |w| w.0))

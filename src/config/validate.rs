@@ -11,7 +11,7 @@ use serde_path_to_error::Segment;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
 use super::raw::{RawBackoff, RawConfig, RawService, RawWorkers};
-use super::types::{Balance, ListenAddrs};
+use super::types::{Balance, ListenAddrs, addresses_clash};
 use super::{
     BackoffPolicy, Config, ConfigError, ConfigErrors, ServiceConfig, Timeouts, WorkersConfig,
 };
@@ -30,10 +30,7 @@ pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
     text: &str,
     file: &str,
 ) -> Result<T, ConfigError> {
-    if text
-        .lines()
-        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-    {
+    if is_blank(text) {
         return Err(ConfigError {
             file: file.to_owned(),
             position: None,
@@ -57,6 +54,12 @@ pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
             message: message(plain),
         }
     })
+}
+
+/// Nothing but blank lines and comments.
+pub(super) fn is_blank(text: &str) -> bool {
+    text.lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
 }
 
 /// The parser's message, in the words of this file's format where the parser's own
@@ -109,7 +112,11 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
     };
     let mut errors = Vec::new();
     errors.extend(unique_names(&raw.services, &at));
-    errors.extend(unique_listeners(&raw.services, &at));
+    errors.extend(unique_listeners(
+        &raw.services,
+        raw.admin.listen.resolve(),
+        &at,
+    ));
     errors.extend(backends_present(&raw.services, &at));
     let mut services = Vec::new();
     for (i, svc) in raw.services.into_iter().enumerate() {
@@ -145,8 +152,17 @@ fn unique_names(services: &[RawService], at: &At) -> Vec<ConfigError> {
     errors
 }
 
-fn unique_listeners(services: &[RawService], at: &At) -> Vec<ConfigError> {
-    let mut seen = HashMap::new();
+/// Every listen address can be bound: none is used twice, overlaps a wildcard on the
+/// same port, or is the admin API's.
+fn unique_listeners(
+    services: &[RawService],
+    admin: Option<SocketAddr>,
+    at: &At,
+) -> Vec<ConfigError> {
+    let mut seen: Vec<(SocketAddr, String)> = admin
+        .map(|addr| (addr, "the admin API (admin.listen)".to_owned()))
+        .into_iter()
+        .collect();
     let mut errors = Vec::new();
     for (i, svc) in services.iter().enumerate() {
         let items: Vec<(SocketAddr, &Location, String)> = match &svc.listen.value {
@@ -168,9 +184,16 @@ fn unique_listeners(services: &[RawService], at: &At) -> Vec<ConfigError> {
                 .collect(),
         };
         for (addr, loc, path) in items {
-            if let Some(owner) = seen.insert(addr, &svc.name.value.0) {
-                let msg = format!("address {addr} is already used by service {owner:?}");
-                errors.push(at(loc, path, msg));
+            match seen.iter().find(|(other, _)| addresses_clash(addr, *other)) {
+                Some((other, owner)) if *other == addr => {
+                    let msg = format!("address {addr} is already used by {owner}");
+                    errors.push(at(loc, path, msg));
+                }
+                Some((other, owner)) => {
+                    let msg = format!("address {addr} overlaps {other}, used by {owner}");
+                    errors.push(at(loc, path, msg));
+                }
+                None => seen.push((addr, format!("service {:?}", svc.name.value.0))),
             }
         }
     }
@@ -275,17 +298,14 @@ fn backoff(
     };
     let initial = raw.value.initial.map_or(DEFAULT_BACKOFF_INITIAL, |d| d.0);
     let max = raw.value.max.map_or(DEFAULT_BACKOFF_MAX, |d| d.0);
-    let msg = if initial.is_zero() {
-        "initial must be longer than 0s".to_owned()
-    } else if initial > max {
-        let (i, m) = (
-            humantime::format_duration(initial),
-            humantime::format_duration(max),
-        );
-        format!("initial ({i}) is longer than max ({m})")
-    } else {
+    if initial <= max {
         return Ok(BackoffPolicy { initial, max });
-    };
+    }
+    let msg = format!(
+        "initial ({}) is longer than max ({})",
+        humantime::format_duration(initial),
+        humantime::format_duration(max)
+    );
     Err(at(
         &raw.referenced,
         format!("services[{i}].workers.restart_backoff"),

@@ -13,13 +13,19 @@ use crate::snapshot::{Backend, BackendId};
 /// Backends tried per connection: the first pick and up to two more.
 const CONNECT_ATTEMPTS: usize = 3;
 
-pub(super) async fn handle(proxy: &Shared, service: &str, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(
+    proxy: &Shared,
+    service: &str,
+    listen: SocketAddr,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
         // finds the new worker rather than only the old one.
-        let Some(pool) = proxy.snapshots.ready_pool(service).await else {
+        let Some(pool) = proxy.snapshots.ready_pool(listen).await else {
             break;
         };
         let Some(backend) = pool.pick(&tried[..attempt]).cloned() else {

@@ -2,6 +2,7 @@
 //! kernel's backlog), then accept, then a connection task on the tracker.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tracing::{debug, warn};
@@ -17,6 +18,8 @@ use super::{Proxy, connection};
 /// One accept loop's own parts.
 pub(super) struct Accept {
     pub service: Arc<str>,
+    /// Where connections arrive; they go to the service that owns it in the snapshot.
+    pub addr: SocketAddr,
     pub listener: TcpListener,
     pub limit: Arc<Semaphore>,
     /// Cancelled when this address is closed (reload) or lb stops.
@@ -29,6 +32,7 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
     let Accept {
         service,
+        addr,
         listener,
         limit,
         stop,
@@ -49,7 +53,7 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
                 let shared = Arc::clone(&proxy.shared);
                 let service = service.clone();
                 proxy.tracker.spawn(async move {
-                    connection::handle(&shared, &service, client, peer).await;
+                    connection::handle(&shared, &service, addr, client, peer).await;
                     drop(permit);
                 });
             }

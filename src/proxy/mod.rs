@@ -7,6 +7,7 @@ mod listener;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -53,8 +54,7 @@ impl Proxy {
     }
 }
 
-/// Binds `addrs`, all or none, so an address in use fails a start or a reload before
-/// anything else changes.
+/// Binds `addrs`, all or none, so an address in use fails a start before anything runs.
 pub fn bind(service: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAddr, TcpListener)>> {
     addrs
         .iter()
@@ -66,7 +66,8 @@ pub fn bind(service: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAd
         .collect()
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds one listen address.
+pub fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -85,7 +86,15 @@ pub struct ServiceListeners {
     service: Arc<str>,
     limit: Arc<Semaphore>,
     max_connections: usize,
-    loops: HashMap<SocketAddr, CancellationToken>,
+    loops: HashMap<SocketAddr, AcceptLoop>,
+}
+
+#[derive(Debug)]
+struct AcceptLoop {
+    stop: CancellationToken,
+    /// A second descriptor of the listening socket, so a reload can hand the address to
+    /// another service; `None` if the process was out of descriptors when it started.
+    socket: Option<OwnedFd>,
 }
 
 impl ServiceListeners {
@@ -101,26 +110,41 @@ impl ServiceListeners {
     /// Starts accepting on a bound listener.
     pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) {
         let token = proxy.accept.child_token();
+        let socket = listener.as_fd().try_clone_to_owned().ok();
         let accept = listener::Accept {
             service: Arc::clone(&self.service),
+            addr,
             listener,
             limit: Arc::clone(&self.limit),
             stop: token.clone(),
         };
         tokio::spawn(listener::accept_loop(proxy.clone(), accept));
-        self.loops.insert(addr, token);
+        let accept_loop = AcceptLoop {
+            stop: token,
+            socket,
+        };
+        self.loops.insert(addr, accept_loop);
+    }
+
+    /// Another handle on the socket listening on `addr`, for a reload that gives the
+    /// address to another service. Binding it anew would fail while this one listens,
+    /// and closing this one first would refuse clients in between; the shared socket
+    /// keeps its backlog and never closes.
+    pub fn share(&self, addr: &SocketAddr) -> Option<TcpListener> {
+        let fd = self.loops.get(addr)?.socket.as_ref()?.try_clone().ok()?;
+        TcpListener::from_std(std::net::TcpListener::from(fd)).ok()
     }
 
     /// Stops accepting on `addr`; connections already accepted carry on.
     pub fn close(&mut self, addr: &SocketAddr) {
-        if let Some(token) = self.loops.remove(addr) {
-            token.cancel();
+        if let Some(accept_loop) = self.loops.remove(addr) {
+            accept_loop.stop.cancel();
         }
     }
 
     pub fn close_all(&mut self) {
-        for (_, token) in self.loops.drain() {
-            token.cancel();
+        for (_, accept_loop) in self.loops.drain() {
+            accept_loop.stop.cancel();
         }
     }
 

@@ -345,12 +345,15 @@ impl Supervisor {
     /// Builds the snapshot of every service's ready backends and swaps it in, and
     /// updates the gauges that follow worker states.
     fn publish(&mut self) {
-        let pools = self
-            .services
-            .iter()
-            .map(|s| (s.config.name.clone(), Arc::new(s.pool())))
-            .collect();
-        self.snapshots.publish(Snapshot { pools });
+        let mut snapshot = Snapshot::default();
+        for svc in &self.services {
+            let pool = Arc::new(svc.pool());
+            for addr in &svc.config.listen {
+                snapshot.listeners.insert(*addr, Arc::clone(&pool));
+            }
+            snapshot.pools.insert(svc.config.name.clone(), pool);
+        }
+        self.snapshots.publish(snapshot);
         self.export_gauges();
     }
 }

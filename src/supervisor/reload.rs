@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::Supervisor;
 use super::command::CommandError;
 use super::stop::Phase;
-use crate::config::{self, ServiceChange, ServiceConfig};
+use crate::config::{self, ServiceChange, ServiceConfig, addresses_clash};
 use crate::proxy;
 
 type Bound = Vec<(SocketAddr, TcpListener)>;
@@ -45,7 +45,7 @@ impl Supervisor {
         }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
-        let mut bound = bind_new(&diff).map_err(CommandError::Invalid)?;
+        let mut bound = self.bind_new(&diff).map_err(CommandError::Invalid)?;
         let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
         let unchanged = diff.is_empty();
         for name in &diff.removed {
@@ -187,23 +187,61 @@ impl Supervisor {
             info!(service = %svc.config.name, %addr, "listening");
         }
     }
-}
 
-/// Binds every address the reload adds, or none.
-fn bind_new(diff: &config::Diff) -> Result<HashMap<String, Bound>, String> {
-    let wanted = diff
-        .added
-        .iter()
-        .map(|s| (&s.name, s.listen.clone()))
-        .chain(
-            diff.changed
-                .iter()
-                .map(|(s, c)| (&s.name, c.listen_added.clone())),
-        );
-    let mut bound = HashMap::new();
-    for (name, addrs) in wanted {
-        let listeners = proxy::bind(name, &addrs).map_err(|err| format!("{err:#}"))?;
-        bound.insert(name.clone(), listeners);
+    /// Binds every address the reload adds, or none. An address that a removed service
+    /// or listen entry gives up is taken over on its open socket, so renaming a service
+    /// or moving an address between services refuses no client.
+    fn bind_new(&self, diff: &config::Diff) -> Result<HashMap<String, Bound>, String> {
+        let wanted = diff
+            .added
+            .iter()
+            .map(|s| (&s.name, &s.listen))
+            .chain(diff.changed.iter().map(|(s, c)| (&s.name, &c.listen_added)));
+        let mut bound = HashMap::new();
+        for (name, addrs) in wanted {
+            let mut listeners = Vec::new();
+            for &addr in addrs {
+                let listener = match self.released(diff, addr) {
+                    Some(listener) => listener,
+                    None => {
+                        proxy::bind_one(addr).map_err(|err| self.bind_error(name, addr, &err))?
+                    }
+                };
+                listeners.push((addr, listener));
+            }
+            bound.insert(name.clone(), listeners);
+        }
+        Ok(bound)
     }
-    Ok(bound)
+
+    /// The open socket on `addr`, if this reload takes it from the service holding it.
+    fn released(&self, diff: &config::Diff, addr: SocketAddr) -> Option<TcpListener> {
+        let gives_up = |name: &str| {
+            diff.removed.iter().any(|removed| removed == name)
+                || diff
+                    .changed
+                    .iter()
+                    .any(|(svc, change)| svc.name == name && change.listen_removed.contains(&addr))
+        };
+        self.services
+            .iter()
+            .filter(|svc| gives_up(&svc.config.name))
+            .find_map(|svc| svc.listeners.share(&addr))
+    }
+
+    fn bind_error(&self, service: &str, addr: SocketAddr, err: &std::io::Error) -> String {
+        let held = self.services.iter().find_map(|svc| {
+            let other = svc
+                .listeners
+                .addrs()
+                .find(|other| addresses_clash(addr, **other))?;
+            Some((svc.config.name.as_str(), *other))
+        });
+        match held {
+            Some((owner, other)) => format!(
+                "service {service}: could not listen on {addr}: it overlaps {other}, where lb listens for service {owner}; free that address in one reload and take this one in the next, or restart lb"
+            ),
+            None => format!("service {service}: could not listen on {addr}: {err}"),
+        }
+    }
 }
