@@ -77,7 +77,7 @@ impl Default for Metrics {
         .expect("metric names and labels are valid");
         r.register(Box::new(duration.clone()))
             .expect("each metric is registered once");
-        Metrics {
+        let metrics = Metrics {
             connections_total: counter(
                 &r,
                 "lb_connections_total",
@@ -140,7 +140,16 @@ impl Default for Metrics {
                 &["result"],
             ),
             registry: r,
+        };
+        // Series with a known label set exist at 0 from the start: an alert on
+        // `increase(...)` cannot see the first event of a series that appears at 1.
+        for result in ["ok", "error"] {
+            metrics.reloads_total.with_label_values(&[result]);
         }
+        for result in ["finished", "halted"] {
+            metrics.rollouts_total.with_label_values(&[result]);
+        }
+        metrics
     }
 }
 
@@ -151,6 +160,14 @@ impl Metrics {
             connections_total: self.connections_total.with_label_values(&labels),
             connections_active: self.connections_active.with_label_values(&labels),
             connect_errors_total: self.connect_errors_total.with_label_values(&labels),
+        }
+    }
+
+    /// Makes a worker slot's restart series visible at 0 from the start.
+    pub fn slot(&self, service: &str, slot: &str) {
+        for reason in ["crash", "rollout", "scale"] {
+            self.worker_restarts_total
+                .with_label_values(&[service, slot, reason]);
         }
     }
 

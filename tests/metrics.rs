@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
 
-use common::{DEADLINE, Lb, echo, wait_until};
+use common::{DEADLINE, Lb, connect, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -124,12 +124,44 @@ fn connections_and_bytes_add_up_and_active_returns_to_zero() {
 }
 
 #[test]
+fn bytes_are_counted_while_the_connection_is_still_open() {
+    let lb = Lb::start(TWO_ECHO_WORKERS);
+    lb.wait_ready(2);
+    let mut conn = connect(lb.listen);
+    let payload = [b'x'; 1000];
+    conn.write_all(&payload).expect("send");
+    let mut back = [0u8; 1000];
+    conn.read_exact(&mut back).expect("echo");
+    wait_until("1000 bytes counted each way", DEADLINE, || {
+        let text = metrics(&lb);
+        sum(&text, "lb_bytes_total", &[("direction", "in")]) == 1000.0
+            && sum(&text, "lb_bytes_total", &[("direction", "out")]) == 1000.0
+    });
+    drop(conn);
+}
+
+#[test]
 fn restarts_reloads_and_worker_states_are_counted() {
     let lb = Lb::start(&TWO_ECHO_WORKERS.replace(
         "count: 2",
         "count: 2\n      restart_backoff: { initial: 2s, max: 2s }",
     ));
     lb.wait_ready(2);
+    // Known label sets are there at 0 before anything happens, so an alert on
+    // `increase()` sees the first event.
+    let text = metrics(&lb);
+    for series in [
+        r#"lb_reloads_total{result="error"} 0"#,
+        r#"lb_reloads_total{result="ok"} 0"#,
+        r#"lb_rollouts_total{result="halted"} 0"#,
+        r#"lb_worker_restarts_total{reason="crash",service="web",worker="1"} 0"#,
+        r#"lb_worker_restarts_total{reason="rollout",service="web",worker="0"} 0"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == series),
+            "{series} missing:\n{text}"
+        );
+    }
     kill(Pid::from_raw(lb.worker_pid(1)), Signal::SIGKILL).expect("kill worker 1");
     lb.wait_log("worker exited");
     let text = metrics(&lb);

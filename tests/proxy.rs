@@ -5,8 +5,9 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::time::Duration;
 
-use common::{Lb, connect, echo, field, hello};
+use common::{DEADLINE, Lb, backend, connect, echo, field, hello};
 
 const THREE_HELLO_WORKERS: &str = r#"
 services:
@@ -146,12 +147,8 @@ services:
 #[test]
 fn failed_connect_is_retried_on_another_backend_which_then_takes_all_traffic() {
     // One static backend where nothing listens, one that answers.
-    let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let live_addr = live.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in live.incoming().flatten() {
-            let _ = (&stream).write_all(b"live\n");
-        }
+    let live_addr = backend(|stream| {
+        let _ = (&stream).write_all(b"live\n");
     });
     let dead = format!("127.0.0.1:{}", common::free_port());
     let lb = Lb::start(&format!(
@@ -175,6 +172,92 @@ services:
         "reported once, then out of rotation: {down:?}"
     );
     assert!(down[0].contains(&dead), "{down:?}");
+}
+
+/// lb in front of one static backend.
+fn edge(backend: std::net::SocketAddr) -> Lb {
+    let lb = Lb::start(&format!(
+        "services:\n  - name: edge\n    listen: {{listen}}\n    backends: ['{backend}']\n"
+    ));
+    lb.wait_log("listening");
+    lb
+}
+
+/// Closes with a reset (RST) instead of a FIN.
+fn reset(stream: std::net::TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+}
+
+#[test]
+fn a_backend_reset_reaches_the_client_as_a_reset_not_a_clean_end() {
+    let lb = edge(backend(|mut stream| {
+        let _ = stream.read(&mut [0u8; 64]);
+        let _ = stream.write_all(b"partial answer");
+        reset(stream);
+    }));
+    let mut client = connect(lb.listen);
+    client.write_all(b"request").expect("send");
+    let mut got = Vec::new();
+    let err = client
+        .read_to_end(&mut got)
+        .expect_err("a clean end would pass the cut-off answer for a whole one");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[test]
+fn a_client_reset_reaches_the_backend_as_a_reset() {
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let seen_tx = std::sync::Mutex::new(seen_tx);
+    let lb = edge(backend(move |mut stream| {
+        let mut got = Vec::new();
+        let outcome = stream.read_to_end(&mut got).map(|_| got.len());
+        let _ = seen_tx.lock().expect("sender").send(outcome);
+    }));
+    let mut client = connect(lb.listen);
+    client.write_all(b"hello").expect("send");
+    reset(client);
+    let outcome = seen
+        .recv_timeout(DEADLINE)
+        .expect("the backend saw the end");
+    let err = outcome.expect_err("the backend must see the client's reset, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[test]
+fn running_out_of_descriptors_is_not_blamed_on_the_backend() {
+    // A backend that greets, then holds the connection until the client closes it.
+    let lb = edge(backend(|mut stream| {
+        let _ = stream.write_all(b"hi\n");
+        let _ = stream.read(&mut [0u8; 1]);
+    }));
+    assert_eq!(hello(lb.listen).expect("through lb"), "hi");
+    let open = std::fs::read_dir(format!("/proc/{}/fd", lb.pid()))
+        .expect("lb's descriptors")
+        .count();
+    // Room for two or three proxied connections (a client and a backend socket each; the
+    // greeting's may not have closed yet), so one of the ten clients below gets accepted
+    // and then fails to connect to the backend with EMFILE.
+    let limit = open + 5;
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &lb.pid().to_string()])
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success());
+    let held: Vec<_> = (0..10).map(|_| connect(lb.listen)).collect();
+    lb.wait_log("lb is out of resources");
+    assert!(
+        lb.lines("backend refused a connection").is_empty(),
+        "{}",
+        lb.log()
+    );
+    drop(held);
+    assert_eq!(
+        hello(lb.listen).expect("the backend is still in rotation"),
+        "hi"
+    );
 }
 
 #[test]

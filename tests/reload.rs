@@ -4,7 +4,7 @@
 mod common;
 
 use common::load::Load;
-use common::{DEADLINE, Lb, alive, free_port, hello, wait_until};
+use common::{DEADLINE, Lb, alive, backend, free_port, hello, wait_until};
 use nix::sys::signal::Signal;
 
 fn echo_service(count: usize) -> String {
@@ -246,17 +246,12 @@ fn changed_worker_settings_roll_only_that_service() {
 #[test]
 fn listen_addresses_and_static_backends_follow_the_config() {
     // Two static backends that say who they are.
-    let backend = |name: &'static str| {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = std::io::Write::write_all(&mut &stream, format!("{name}\n").as_bytes());
-            }
-        });
-        addr
+    let says = |name: &'static str| {
+        backend(move |stream| {
+            let _ = std::io::Write::write_all(&mut &stream, format!("{name}\n").as_bytes());
+        })
     };
-    let (a, b) = (backend("a"), backend("b"));
+    let (a, b) = (says("a"), says("b"));
     let second = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = |listen: &str, backends: &str| {
         format!("services:\n  - name: edge\n    listen: {listen}\n    backends: [{backends}]\n")

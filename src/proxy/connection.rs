@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::{Shared, copy};
+use super::{Shared, copy, is_resource_exhaustion};
 use crate::snapshot::{Backend, BackendId};
 
 /// Backends tried per connection: the first pick and up to two more.
@@ -39,6 +39,12 @@ pub(super) async fn handle(
             tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr)).await;
         let upstream = match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
             Ok(stream) => stream,
+            // lb itself is out of descriptors or memory: every backend would fail the
+            // same way, and none of them is at fault.
+            Err(err) if is_resource_exhaustion(&err) => {
+                warn!(service, backend = %backend.label, %err, "could not connect to a backend: lb is out of resources; closing the client");
+                return;
+            }
             Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
                 backend.metrics.connect_errors_total.inc();

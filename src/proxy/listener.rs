@@ -1,7 +1,6 @@
 //! The accept loop: a permit first (so past `max_connections` clients wait in the
 //! kernel's backlog), then accept, then a connection task on the tracker.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Proxy, connection};
+use super::{Proxy, connection, is_resource_exhaustion};
 
 /// One accept loop's own parts.
 pub(super) struct Accept {
@@ -71,12 +70,4 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
             Err(err) => debug!(service = %service, %err, "accept failed"),
         }
     }
-}
-
-fn is_resource_exhaustion(err: &io::Error) -> bool {
-    use nix::errno::Errno;
-    matches!(
-        err.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
-    )
 }

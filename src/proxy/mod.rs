@@ -18,6 +18,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::snapshot::{BackendId, Snapshots};
 
+/// Errors that say lb, not a peer, is short of descriptors or memory.
+fn is_resource_exhaustion(err: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}
+
 /// Pending connections the kernel holds per listener; the usual Linux `somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 

@@ -53,9 +53,10 @@ impl Supervisor {
         let cfg = Arc::new(cfg);
         while self.services[si].slots.len() < cfg.count.get() {
             let id = self.new_id();
-            self.services[si]
-                .slots
-                .push(Slot::new(id, Arc::clone(&cfg)));
+            let svc = &mut self.services[si];
+            self.metrics
+                .slot(&svc.config.name, &svc.slots.len().to_string());
+            svc.slots.push(Slot::new(id, Arc::clone(&cfg)));
         }
     }
 
