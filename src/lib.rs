@@ -35,6 +35,7 @@ pub mod config;
 pub mod lines;
 pub mod logging;
 pub mod metrics;
+pub mod output;
 pub mod proxy;
 pub mod signals;
 pub mod snapshot;

@@ -1,14 +1,16 @@
 //! Log setup (text or JSON on stderr) and the forwarding of worker output, each line
-//! prefixed with `[service/id]`.
+//! prefixed with `[service/id]`. Both are written by [`crate::output`].
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::io::AsyncReadExt as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::lines::LineBuffer;
+use crate::output::{self, Stream};
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,7 +31,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = match format {
@@ -38,15 +40,8 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// Which of a worker's output streams a line came from; lb re-emits it on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputStream {
-    Stdout,
-    Stderr,
-}
-
 /// Forwards a worker's output pipe until the worker closes it.
-pub fn forward_output(label: Arc<str>, stream: OutputStream, fd: OwnedFd) {
+pub fn forward_output(label: Arc<str>, stream: Stream, fd: OwnedFd) {
     tokio::spawn(async move {
         let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
             return;
@@ -55,11 +50,11 @@ pub fn forward_output(label: Arc<str>, stream: OutputStream, fd: OwnedFd) {
         loop {
             let read = pipe.read_buf(lines.buf_mut()).await;
             while let Some(line) = lines.next_line() {
-                emit(&label, stream, &line);
+                emit(&label, stream, &line).await;
             }
             let done = !matches!(read, Ok(n) if n > 0);
             if (done || lines.pending() >= MAX_LINE) && lines.pending() > 0 {
-                emit(&label, stream, &lines.take_pending());
+                emit(&label, stream, &lines.take_pending()).await;
             }
             if done {
                 return;
@@ -68,16 +63,25 @@ pub fn forward_output(label: Arc<str>, stream: OutputStream, fd: OwnedFd) {
     });
 }
 
-fn emit(label: &str, stream: OutputStream, line: &[u8]) {
+/// Writes one worker line, waiting while lb's output is blocked (which stops this
+/// worker's pipe from being read, so the worker waits too, as on a terminal).
+async fn emit(label: &str, stream: Stream, line: &[u8]) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if FORMAT.get() == Some(&LogFormat::Json) {
-        let text = String::from_utf8_lossy(line);
-        let stream = match stream {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
-        };
-        tracing::info!(worker = label, stream, "{text}");
-        return;
+        // The fields tracing's JSON lines have, so every line of the stream parses alike.
+        let record = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            "level": "INFO",
+            "message": String::from_utf8_lossy(line),
+            "worker": label,
+            "stream": match stream {
+                Stream::Stdout => "stdout",
+                Stream::Stderr => "stderr",
+            },
+        });
+        let mut out = record.to_string().into_bytes();
+        out.push(b'\n');
+        return output::write(Stream::Stderr, out).await;
     }
     // One write per line so lines from different workers never interleave.
     let mut out = Vec::with_capacity(label.len() + line.len() + 4);
@@ -86,8 +90,5 @@ fn emit(label: &str, stream: OutputStream, line: &[u8]) {
     out.extend_from_slice(b"] ");
     out.extend_from_slice(line);
     out.push(b'\n');
-    let _ = match stream {
-        OutputStream::Stdout => std::io::stdout().lock().write_all(&out),
-        OutputStream::Stderr => std::io::stderr().lock().write_all(&out),
-    };
+    output::write(stream, out).await;
 }

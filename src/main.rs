@@ -9,7 +9,7 @@ use clap::Parser as _;
 use hyper::Method;
 use lb::admin::{client, status::Status};
 use lb::cli::{Cli, Command};
-use lb::{config, logging};
+use lb::{config, logging, output};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -71,6 +71,13 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn run(cli: &Cli) -> ExitCode {
+    let code = run_until_stopped(cli);
+    output::flush(std::time::Duration::from_secs(2));
+    code
+}
+
+fn run_until_stopped(cli: &Cli) -> ExitCode {
+    output::start();
     logging::init(cli.log_format);
     let config = match config::load(&cli.config) {
         Ok(config) => config,
@@ -94,6 +101,8 @@ fn run(cli: &Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // After the log lines that led up to it.
+            output::flush(std::time::Duration::from_secs(2));
             eprintln!("lb: {err:#}");
             ExitCode::FAILURE
         }

@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 
-use common::{DEADLINE, Lb, alive, connect, wait_until};
+use common::{DEADLINE, Lb, alive, backend, connect, echo, wait_until};
 use nix::sys::signal::Signal;
 
 #[test]
@@ -139,4 +139,41 @@ services:
     for (_, pid) in lb.started_workers() {
         assert!(!alive(pid), "worker {pid} outlived lb");
     }
+}
+
+#[test]
+fn a_stalled_stdout_stops_neither_the_proxy_nor_a_graceful_stop() {
+    // The workers flood stdout: far more than their pipes to lb and lb's queue hold, so
+    // lb's stdout, read by nobody, stays blocked. Workers that print then wait, as on a
+    // stopped terminal; lb itself must go on proxying (here to a static backend) and
+    // must still stop on SIGTERM.
+    let echo_backend = backend(|mut stream| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut buf) {
+            let _ = stream.write_all(&buf[..n]);
+        }
+    });
+    let edge = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let mut lb = Lb::start_with_stdout_stalled(&format!(
+        r#"
+services:
+  - name: web
+    listen: {{listen}}
+    workers:
+      command: "head -c 400000 /dev/zero | tr '\\0' x | fold -w 100 & exec {{worker}}"
+      count: 4
+      stop_timeout: 1s
+  - name: edge
+    listen: {edge}
+    backends: ["{echo_backend}"]
+"#
+    ));
+    lb.wait_ready(4);
+    for i in 0..20 {
+        let sent = format!("request {i}");
+        assert_eq!(echo(edge, sent.as_bytes()), sent.as_bytes());
+    }
+    assert_eq!(lb.admin("GET", "/healthz", b"").0, 200);
+    lb.signal(Signal::SIGTERM);
+    assert!(lb.wait_exit().success(), "{}", lb.log());
 }

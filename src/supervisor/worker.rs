@@ -13,7 +13,8 @@ use nix::unistd::Pid;
 
 use super::sys;
 use crate::config::{FeedConfig, WorkersConfig};
-use crate::logging::{self, OutputStream};
+use crate::logging;
+use crate::output::Stream;
 
 /// Where a worker must listen. Every worker binds its own port on loopback.
 pub(super) const WORKER_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -112,13 +113,13 @@ fn launch(
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
     let stdout = child.stdout.take();
     if let Some(err) = child.stderr.take() {
-        logging::forward_output(label.into(), OutputStream::Stderr, err.into());
+        logging::forward_output(label.into(), Stream::Stderr, err.into());
     }
     // The reaper collects the exit status; dropping a std Child neither waits nor kills.
     drop(child);
     match stdout {
         Some(out) if !capture_stdout => {
-            logging::forward_output(label.into(), OutputStream::Stdout, out.into());
+            logging::forward_output(label.into(), Stream::Stdout, out.into());
             Ok((pid, None))
         }
         stdout => Ok((pid, stdout)),

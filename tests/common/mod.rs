@@ -97,6 +97,15 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Where lb's stdout goes.
+#[derive(Clone, Copy)]
+enum Output {
+    /// With stderr, into the log file.
+    Log,
+    /// Into a pipe that nobody reads.
+    StdoutStalled,
+}
+
 /// A running lb and the temp dir holding its config and log.
 pub struct Lb {
     child: Option<Child>,
@@ -116,29 +125,33 @@ impl Lb {
 
     /// As [`Lb::start`], with more environment variables for lb.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Lb {
-        Lb::start_full(config, &[], env)
+        Lb::start_full(config, &[], env, Output::Log)
     }
 
     /// As [`Lb::start`], with more command-line arguments for lb.
     pub fn start_with(config: &str, args: &[&str]) -> Lb {
-        Lb::start_full(config, args, &[])
+        Lb::start_full(config, args, &[], Output::Log)
     }
 
-    fn start_full(config: &str, args: &[&str], env: &[(&str, &str)]) -> Lb {
+    /// As [`Lb::start`], with lb's stdout a pipe that nobody reads (a stalled pager or
+    /// log shipper); its stderr is the log as usual.
+    pub fn start_with_stdout_stalled(config: &str) -> Lb {
+        Lb::start_full(config, &[], &[], Output::StdoutStalled)
+    }
+
+    fn start_full(config: &str, args: &[&str], env: &[(&str, &str)], output: Output) -> Lb {
         let dir = tempfile::tempdir().expect("temp dir");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, expand(config, listen, admin)).expect("write config");
-        let mut lb = Lb::spawn(
-            dir,
-            listen,
-            Command::new(LB)
-                .args(args)
-                .arg("--config")
-                .arg(&path)
-                .envs(env.iter().copied()),
-        );
+        let mut command = Command::new(LB);
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .envs(env.iter().copied());
+        let mut lb = Lb::spawn_with(dir, listen, &mut command, output);
         lb.admin = (!config.contains("admin:")).then_some(admin);
         lb
     }
@@ -150,9 +163,22 @@ impl Lb {
 
     /// Starts `command` (lb itself, or a wrapper such as `unshare` around it).
     pub fn spawn(dir: tempfile::TempDir, listen: SocketAddr, command: &mut Command) -> Lb {
+        Lb::spawn_with(dir, listen, command, Output::Log)
+    }
+
+    fn spawn_with(
+        dir: tempfile::TempDir,
+        listen: SocketAddr,
+        command: &mut Command,
+        output: Output,
+    ) -> Lb {
         let log = dir.path().join("lb.log");
-        let out = File::create(&log).expect("create log");
-        let err = out.try_clone().expect("clone log handle");
+        let err = File::create(&log).expect("create log");
+        let out = match output {
+            Output::Log => Stdio::from(err.try_clone().expect("clone log handle")),
+            // The child keeps the read end unread for as long as it lives.
+            Output::StdoutStalled => Stdio::piped(),
+        };
         let child = command
             .stdin(Stdio::null())
             .stdout(out)
