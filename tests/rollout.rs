@@ -299,3 +299,90 @@ fn a_restart_requested_during_a_halting_rollout_still_runs_and_unreplaced_slots_
     assert_eq!(lb.lines("rollout halted").len(), 2, "{}", lb.log());
     assert!(all_workers_say_hello(&lb), "{}", lb.log());
 }
+
+const TWO_WORKERS_WITH_ENV: &str = r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 2
+      env: { V: "1", START_DELAY_MS: "0" }
+"#;
+
+#[test]
+fn a_restart_after_a_config_edit_replaces_each_worker_once() {
+    let lb = Lb::start(TWO_WORKERS_WITH_ENV);
+    lb.wait_ready(2);
+    lb.rewrite_config(&TWO_WORKERS_WITH_ENV.replace(r#"V: "1""#, r#"V: "2""#));
+    let out = lb.cli(&["restart"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "rollout finished: 2 workers replaced"
+    );
+    assert_eq!(lb.lines("rollout: replacement started").len(), 2);
+}
+
+#[test]
+fn a_restart_of_an_unknown_service_changes_nothing() {
+    let lb = Lb::start(TWO_WORKERS_WITH_ENV);
+    lb.wait_ready(2);
+    let before = lb.ready_pids();
+    lb.rewrite_config(&TWO_WORKERS_WITH_ENV.replace(r#"V: "1""#, r#"V: "2""#));
+    let out = lb.cli(&["restart", "--service", "wbe"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(r#"no service named "wbe""#),
+        "{out:?}"
+    );
+    assert!(lb.lines("reload applied").is_empty(), "{}", lb.log());
+    assert!(lb.lines("rollout: replacement started").is_empty());
+    assert_eq!(lb.ready_pids(), before);
+}
+
+#[test]
+fn a_change_reverted_during_its_rollout_leaves_the_original_workers() {
+    let lb = Lb::start(TWO_WORKERS_WITH_ENV);
+    lb.wait_ready(2);
+    let before = lb.ready_pids();
+    // A slow release: its first replacement is still starting when the change is undone.
+    lb.rewrite_config(&TWO_WORKERS_WITH_ENV.replace(
+        r#"V: "1", START_DELAY_MS: "0""#,
+        r#"V: "2", START_DELAY_MS: "3000""#,
+    ));
+    lb.signal(Signal::SIGHUP);
+    lb.wait_log("rollout: replacement started");
+    lb.rewrite_config(TWO_WORKERS_WITH_ENV);
+    lb.signal(Signal::SIGHUP);
+    lb.wait_log("replacement outdated by a reload");
+    let discarded: i32 = common::field(&lb.lines("rollout: replacement started")[0], "pid")
+        .and_then(|p| p.parse().ok())
+        .expect("pid of the replacement");
+    wait_until("the outdated replacement gone", DEADLINE, || {
+        !alive(discarded)
+    });
+    assert_eq!(
+        lb.lines("rollout: replacement started").len(),
+        1,
+        "{}",
+        lb.log()
+    );
+    assert_eq!(lb.ready_pids(), before);
+    assert!(before.values().all(|p| alive(*p)));
+}
+
+#[test]
+fn sigterm_while_a_replacement_starts_is_no_halted_rollout() {
+    let mut lb = Lb::start(TWO_WORKERS_WITH_ENV);
+    lb.wait_ready(2);
+    lb.rewrite_config(
+        &TWO_WORKERS_WITH_ENV.replace(r#"START_DELAY_MS: "0""#, r#"START_DELAY_MS: "5000""#),
+    );
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout: replacement started");
+    lb.signal(Signal::SIGTERM);
+    assert!(lb.wait_exit().success());
+    assert!(lb.lines("rollout halted").is_empty(), "{}", lb.log());
+    assert_eq!(lb.lines("rollout abandoned").len(), 1, "{}", lb.log());
+}

@@ -114,6 +114,39 @@ services:
     );
 }
 
+#[test]
+fn a_new_restart_backoff_applies_to_a_slot_waiting_in_backoff() {
+    let config = |backoff: &str| {
+        format!(
+            r#"
+services:
+  - name: web
+    listen: {{listen}}
+    workers:
+      command: ["{{worker}}"]
+      count: 1
+      env: {{ CRASH_WITHIN_MS: "2" }}
+      restart_backoff: {backoff}
+"#
+        )
+    };
+    let lb = Lb::start(&config("{ initial: 3s, max: 60s }"));
+    lb.wait_log("restart_in=3s");
+    // The slot waits out its 3 s; its next crash follows the new policy.
+    lb.rewrite_config(&config("{ initial: 100ms, max: 200ms }"));
+    lb.signal(Signal::SIGHUP);
+    lb.wait_log("reload applied");
+    wait_until("a second exit", DEADLINE, || {
+        lb.lines("worker exited").len() >= 2
+    });
+    let delays: Vec<String> = lb
+        .lines("worker exited")
+        .iter()
+        .filter_map(|l| common::field(l, "restart_in").map(str::to_owned))
+        .collect();
+    assert_eq!(delays[..2], ["3s", "100ms"], "{}", lb.log());
+}
+
 /// The availability experiment: workers crash at random moments under load. New
 /// connections are never refused; only exchanges in flight on a crashing worker may fail.
 #[test]

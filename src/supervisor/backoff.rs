@@ -22,10 +22,15 @@ impl Backoff {
         }
     }
 
+    /// Back to the first delay.
+    pub(super) fn reset(&mut self) {
+        self.next = self.policy.initial;
+    }
+
     /// The delay before restarting a worker that exited after `uptime`.
     pub(super) fn after_exit(&mut self, uptime: Duration) -> Duration {
         if uptime >= HEALTHY_UPTIME {
-            self.next = self.policy.initial;
+            self.reset();
         }
         let delay = self.next;
         self.next = self.next.saturating_mul(2).min(self.policy.max);

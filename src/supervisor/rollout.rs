@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::backoff::Backoff;
+use super::backoff::HEALTHY_UPTIME;
 use super::command::{CommandError, Reply, answer};
 use super::stop::Phase;
 use super::{ExitStatus, Supervisor, WorkerState};
@@ -19,7 +19,7 @@ use crate::snapshot::BackendId;
 #[derive(Debug, Default)]
 pub(super) struct Rollout {
     /// Slots still to replace, by service name (indexes shift when services change).
-    queue: VecDeque<(String, usize)>,
+    queue: VecDeque<Queued>,
     step: Option<Step>,
     /// Requests answered when this rollout finishes or halts.
     waiters: Vec<Reply>,
@@ -27,6 +27,22 @@ pub(super) struct Rollout {
     pending: Option<Pending>,
     started: Option<Instant>,
     replaced: usize,
+}
+
+#[derive(Debug)]
+struct Queued {
+    service: String,
+    slot: usize,
+    why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// A restart replaces every worker, whatever it runs.
+    Restart,
+    /// The worker runs other settings than its service's; skipped if it no longer
+    /// does by its turn (the change was reverted).
+    Stale,
 }
 
 /// The slot being replaced now.
@@ -77,14 +93,19 @@ impl Supervisor {
             info!("rollout in progress; one more rollout will follow it");
             return;
         }
+        // A mistyped service name must change nothing, the config included.
+        if let Some(name) = scope.as_deref() {
+            let named = crate::config::load(&self.config_path)
+                .map(|config| config.services.iter().any(|s| s.name == name));
+            if named == Ok(false) {
+                return fail(
+                    waiters,
+                    CommandError::NotFound(format!("no service named {name:?}")),
+                );
+            }
+        }
         if let Err(err) = self.reload() {
             return fail(waiters, err);
-        }
-        if let Some(name) = scope.as_deref().filter(|n| self.service_index(n).is_none()) {
-            return fail(
-                waiters,
-                CommandError::NotFound(format!("no service named {name:?}")),
-            );
         }
         let in_scope = |name: &str| scope.as_deref().is_none_or(|s| s == name);
         let slots: Vec<(String, usize)> = self
@@ -94,41 +115,84 @@ impl Supervisor {
             .flat_map(|s| (0..s.slots.len()).map(|slot| (s.config.name.clone(), slot)))
             .collect();
         self.rollout.waiters.extend(waiters);
-        self.queue_rollout(slots);
+        self.queue_rollout(slots, Why::Restart);
         self.resume_rollout();
     }
 
     /// Queues every slot whose worker runs other settings than its service's (after a
-    /// reload, or a halted rollout), and gives idle slots the new settings directly.
+    /// reload, or a halted rollout), and gives idle slots the new settings directly. A
+    /// replacement still starting with settings that are no longer wanted (the config
+    /// changed again, or back) is discarded rather than let into the slot.
     pub(super) fn converge(&mut self) {
         let mut stale = Vec::new();
+        let mut outdated = Vec::new();
         for svc in &mut self.services {
             let Some(target) = &svc.config.workers else {
                 continue;
             };
             for (slot, s) in svc.slots.iter_mut().enumerate() {
-                let replacing = s
-                    .replacement
-                    .as_ref()
-                    .is_some_and(|r| r.config.same_process(target));
-                if s.config.same_process(target) || replacing {
+                match &s.replacement {
+                    Some(r) if r.config.same_process(target) => continue,
+                    Some(_) => outdated.push((svc.config.name.clone(), slot)),
+                    None => {}
+                }
+                if s.config.same_process(target) {
                     continue;
                 }
                 if s.worker.is_none() && s.replacement.is_none() {
-                    s.config = Arc::new(target.clone());
+                    s.set_config(Arc::new(target.clone()));
                 } else {
                     stale.push((svc.config.name.clone(), slot));
                 }
             }
         }
-        self.queue_rollout(stale);
+        for (service, slot) in outdated {
+            self.discard_replacement(&service, slot);
+        }
+        self.queue_rollout(stale, Why::Stale);
     }
 
-    /// Queues slots for replacement; [`Self::resume_rollout`] starts them.
-    fn queue_rollout(&mut self, slots: Vec<(String, usize)>) {
-        for item in slots {
-            if !self.rollout.queue.contains(&item) {
-                self.rollout.queue.push_back(item);
+    /// Kills the replacement starting in `slot`; the rollout goes on with its next slot.
+    fn discard_replacement(&mut self, service: &str, slot: usize) {
+        let Some(si) = self.service_index(service) else {
+            return;
+        };
+        if let Some(worker) = self.services[si].slots[slot].replacement.take() {
+            info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement outdated by a reload; discarding it");
+            self.discard(service, slot, worker);
+        }
+        let in_step = self
+            .rollout
+            .step
+            .as_ref()
+            .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none());
+        if in_step {
+            self.rollout.step = None;
+        }
+    }
+
+    /// Queues slots for replacement; [`Self::resume_rollout`] starts them. A slot whose
+    /// replacement is starting now already gets the newest settings (a reload discards
+    /// one that does not), so it is not queued again.
+    fn queue_rollout(&mut self, slots: Vec<(String, usize)>, why: Why) {
+        for (service, slot) in slots {
+            let in_step = self
+                .rollout
+                .step
+                .as_ref()
+                .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none());
+            if in_step {
+                continue;
+            }
+            let queued = self
+                .rollout
+                .queue
+                .iter_mut()
+                .find(|q| q.service == service && q.slot == slot);
+            match queued {
+                Some(q) if why == Why::Restart => q.why = why,
+                Some(_) => {}
+                None => self.rollout.queue.push_back(Queued { service, slot, why }),
             }
         }
         if self.rollout.started.is_none() && self.rollout.active() {
@@ -146,14 +210,17 @@ impl Supervisor {
 
     /// Starts the replacement for the next queued slot, or ends the rollout.
     fn advance(&mut self) {
-        while let Some((service, slot)) = self.rollout.queue.pop_front() {
+        while let Some(Queued { service, slot, why }) = self.rollout.queue.pop_front() {
             let Some(si) = self.service_index(&service) else {
                 continue;
             };
             let Some(cfg) = self.services[si].config.workers.clone() else {
                 continue;
             };
-            if slot >= self.services[si].slots.len() {
+            let Some(s) = self.services[si].slots.get(slot) else {
+                continue;
+            };
+            if why == Why::Stale && s.worker.is_some() && s.config.same_process(&cfg) {
                 continue;
             }
             match self.spawn_worker(si, slot, Arc::new(cfg)) {
@@ -207,11 +274,16 @@ impl Supervisor {
         new.ready_once = true;
         new.backend.stats.mark_up();
         info!(service = %name, worker = slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
-        if new.config.restart_backoff != s.config.restart_backoff {
-            s.backoff = Backoff::new(new.config.restart_backoff);
-        }
-        s.config = Arc::clone(&new.config);
+        s.set_config(Arc::clone(&new.config));
         let old = s.worker.replace(new);
+        // A worker that served long enough ends the slot's crash streak, even when it
+        // leaves by a rollout rather than by exiting.
+        if old
+            .as_ref()
+            .is_some_and(|w| w.started.elapsed() >= HEALTHY_UPTIME)
+        {
+            s.backoff.reset();
+        }
         self.metrics
             .worker_restarts_total
             .with_label_values(&[&name, &slot.to_string(), "rollout"])
@@ -289,7 +361,12 @@ impl Supervisor {
     }
 
     /// Stops the rollout and fails its waiters; a restart requested meanwhile still runs.
+    /// While lb stops, the rollout is already abandoned and a replacement that dies
+    /// with the rest is no failure.
     fn halt(&mut self, reason: String) {
+        if self.phase != Phase::Running {
+            return;
+        }
         let remaining = self.rollout.queue.len();
         error!(%reason, remaining, "rollout halted; the workers not yet replaced keep serving");
         self.metrics

@@ -74,6 +74,15 @@ impl Slot {
             restarts: 0,
         }
     }
+
+    /// Moves the slot to new settings; a new `restart_backoff` takes effect from the
+    /// next crash, with its own first delay.
+    pub(super) fn set_config(&mut self, config: Arc<WorkersConfig>) {
+        if config.restart_backoff != self.config.restart_backoff {
+            self.backoff = Backoff::new(config.restart_backoff);
+        }
+        self.config = config;
+    }
 }
 
 /// The `feed` command of a service.
