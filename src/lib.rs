@@ -94,5 +94,6 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         );
     }
     supervisor.run().await;
+    logging::forwarded(std::time::Duration::from_secs(1)).await;
     Ok(())
 }

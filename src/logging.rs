@@ -3,10 +3,11 @@
 
 use std::io::IsTerminal as _;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncReadExt as _;
+use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 use crate::lines::LineBuffer;
@@ -40,9 +41,12 @@ pub fn init(format: LogFormat) {
     };
 }
 
+/// Every forwarding task, so lb can let them finish before it exits.
+static FORWARDERS: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
+
 /// Forwards a worker's output pipe until the worker closes it.
 pub fn forward_output(label: Arc<str>, stream: Stream, fd: OwnedFd) {
-    tokio::spawn(async move {
+    FORWARDERS.spawn(async move {
         let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
             return;
         };
@@ -61,6 +65,14 @@ pub fn forward_output(label: Arc<str>, stream: Stream, fd: OwnedFd) {
             }
         }
     });
+}
+
+/// Waits, up to `limit`, until the output of every worker is forwarded: the last lines
+/// a stopping worker prints are often the ones that matter. A pipe still held open (a
+/// daemon the worker left behind) must not keep lb from exiting.
+pub async fn forwarded(limit: Duration) {
+    FORWARDERS.close();
+    let _ = tokio::time::timeout(limit, FORWARDERS.wait()).await;
 }
 
 /// Writes one worker line, waiting while lb's output is blocked (which stops this

@@ -177,3 +177,29 @@ services:
     lb.signal(Signal::SIGTERM);
     assert!(lb.wait_exit().success(), "{}", lb.log());
 }
+
+#[test]
+fn a_shell_wrapped_worker_gets_its_stop_timeout_after_the_shell_dies() {
+    // `sh -c "...; true"` cannot exec the worker, so the shell is the process lb started;
+    // it dies at once on SIGTERM while the worker takes its time.
+    let mut lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: "{worker}; true"
+      count: 1
+      env: { STOP_DELAY_MS: "700" }
+      stop_timeout: 10s
+"#,
+    );
+    lb.wait_ready(1);
+    lb.signal(Signal::SIGUSR2);
+    lb.wait_log("rollout finished");
+    assert_eq!(lb.lines("[web/0] stopped cleanly").len(), 1, "{}", lb.log());
+    lb.signal(Signal::SIGTERM);
+    assert!(lb.wait_exit().success());
+    assert_eq!(lb.lines("[web/0] stopped cleanly").len(), 2, "{}", lb.log());
+    assert!(lb.lines("killing it").is_empty(), "{}", lb.log());
+}

@@ -171,14 +171,6 @@ impl Supervisor {
         })
     }
 
-    /// Cleans up after a worker process that the reaper reported gone.
-    pub(super) fn reaped(&mut self, worker: &Worker) {
-        worker.probe.cancel();
-        // The worker's own children die with it.
-        worker::signal_group(worker.pid, Signal::SIGKILL);
-        self.watchdog.reaped(worker.pid);
-    }
-
     pub(super) fn exited(&mut self, pid: Pid, status: ExitStatus) {
         match self.place_of_pid(pid) {
             Some(Place::Current { si, slot }) => self.current_exited(si, slot, status),
@@ -199,7 +191,7 @@ impl Supervisor {
             .worker
             .take()
             .expect("place_of_pid found a worker");
-        self.reaped(&worker);
+        self.reaped(&worker, self.phase == Phase::StoppingWorkers, false);
         let name = self.services[si].config.name.clone();
         let (pid, uptime) = (worker.pid, worker.started.elapsed());
         if self.phase != Phase::Running {

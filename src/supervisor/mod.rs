@@ -13,6 +13,7 @@
 mod backoff;
 mod command;
 mod feed;
+mod group;
 mod lifecycle;
 mod messages;
 mod probe;
@@ -111,6 +112,8 @@ pub enum Event {
     RetireDrained { id: BackendId, timed_out: bool },
     /// A retiring worker had `stop_timeout` to exit after `stop_signal`.
     RetireDeadline { id: BackendId },
+    /// Time to see which lingering process groups are gone.
+    GroupCheck,
 }
 
 /// The sending half of the supervisor's inbox, for signals and the reaper.
@@ -139,6 +142,8 @@ pub struct Supervisor {
     services: Vec<ServiceState>,
     /// Workers out of rotation, draining their connections or stopping.
     retiring: Vec<Retiring>,
+    /// Process groups of stopped workers whose other processes are still exiting.
+    lingering: Vec<group::Lingering>,
     rollout: Rollout,
     snapshots: Arc<Snapshots>,
     proxy: Proxy,
@@ -174,6 +179,7 @@ impl Supervisor {
             admin: config.admin,
             services: Vec::new(),
             retiring: Vec::new(),
+            lingering: Vec::new(),
             rollout: Rollout::default(),
             snapshots,
             proxy,
@@ -283,6 +289,7 @@ impl Supervisor {
             Event::KillGraceOver => self.phase = Phase::Abandoned,
             Event::RetireDrained { id, timed_out } => self.retire_drained(id, timed_out),
             Event::RetireDeadline { id } => self.retire_deadline(id),
+            Event::GroupCheck => self.check_groups(),
         }
     }
 

@@ -32,6 +32,10 @@ impl fmt::Display for ExitStatus {
 /// Starts reaping; call before the first child is spawned so no SIGCHLD is missed.
 pub(super) fn start(events: mpsc::UnboundedSender<Event>) -> std::io::Result<()> {
     let mut sigchld = signal(SignalKind::child())?;
+    // Orphans of a worker (the app a wrapper shell started, once the shell is gone)
+    // become lb's children rather than init's: lb reaps them, and knows when a stopped
+    // worker's whole process group is gone. Without it (an old kernel) init reaps them.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
     tokio::spawn(async move {
         loop {
             // SIGCHLDs coalesce, so each wake-up collects every child that has exited.

@@ -101,12 +101,16 @@ impl Supervisor {
             warn!(service = %r.service, worker = r.slot, pid = %r.worker.pid, "worker did not stop within stop_timeout; killing it");
             worker::signal_group(r.worker.pid, Signal::SIGKILL);
         }
+        self.kill_lingering(id);
     }
 
     /// A retiring worker exited.
     pub(super) fn retired(&mut self, i: usize, status: ExitStatus) {
         let r = self.retiring.remove(i);
-        self.reaped(&r.worker);
+        if self.reaped(&r.worker, r.stopping, true) {
+            // The rollout goes on once the rest of the group is gone.
+            return;
+        }
         info!(service = %r.service, worker = r.slot, pid = %r.worker.pid, %status, reason = %r.reason, after = ?r.since.elapsed(), "retired worker stopped");
         self.rollout_retired(r.worker.backend.id);
     }

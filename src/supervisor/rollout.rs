@@ -317,7 +317,7 @@ impl Supervisor {
             .replacement
             .take()
             .expect("place_of_pid found a replacement");
-        self.reaped(&worker);
+        self.reaped(&worker, self.phase == Phase::StoppingWorkers, false);
         let name = &self.services[si].config.name;
         let reason = format!("replacement for {name}/{slot} exited ({status}) before it was ready");
         self.refill(si, slot);

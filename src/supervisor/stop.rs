@@ -103,6 +103,7 @@ impl Supervisor {
             w.probe.cancel();
             worker::signal_group(w.pid, Signal::SIGKILL);
         }
+        self.kill_all_lingering();
         // A worker the kernel never reports gone (stuck in an uninterruptible wait) must
         // not keep lb from exiting.
         self.after(KILL_GRACE, Event::KillGraceOver);
@@ -111,7 +112,9 @@ impl Supervisor {
     pub(super) fn finished(&self) -> bool {
         match self.phase {
             Phase::Running | Phase::Draining => false,
-            Phase::StoppingWorkers | Phase::Killing => self.processes().next().is_none(),
+            Phase::StoppingWorkers | Phase::Killing => {
+                self.processes().next().is_none() && !self.has_lingering()
+            }
             Phase::Abandoned => true,
         }
     }

@@ -7,6 +7,8 @@
 //! - `EXIT_AFTER=N`: exit with code 3 once N connections have been accepted.
 //! - `START_DELAY_MS=N`: wait N ms before listening (a slow start).
 //! - `IGNORE_SIGTERM=1`: keep running on SIGTERM (a worker that must be killed).
+//! - `STOP_DELAY_MS=N`: on SIGTERM print `stopping`, take N ms to shut down, then print
+//!   `stopped cleanly` and exit 0 (an app that finishes its work first).
 //! - `CRASH_WITHIN_MS=N`: crash (exit code 4) at a random moment between N/2 and N ms
 //!   after it starts listening.
 //! - `READY_MESSAGE_AFTER_MS=N`: N ms after it starts listening, print `sending ready`
@@ -27,6 +29,17 @@ fn env_num(name: &str) -> u64 {
 fn main() {
     if std::env::var("IGNORE_SIGTERM").is_ok() {
         block_sigterm().expect("block SIGTERM");
+    }
+    if let Ok(delay) = std::env::var("STOP_DELAY_MS") {
+        let delay = Duration::from_millis(delay.parse().unwrap_or(0));
+        let sigterm = block_sigterm().expect("block SIGTERM");
+        std::thread::spawn(move || {
+            let _ = sigterm.wait();
+            println!("stopping");
+            std::thread::sleep(delay);
+            println!("stopped cleanly");
+            std::process::exit(0);
+        });
     }
     std::thread::sleep(Duration::from_millis(env_num("START_DELAY_MS")));
     let host = std::env::var("HOST").expect("lb sets HOST");
@@ -123,11 +136,13 @@ fn serve(mut stream: TcpStream, hello: Option<&str>, delay: Duration) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// A blocked signal stays pending forever: as good as ignoring it, without an unsafe
-/// handler. Called before any thread starts, so every thread inherits the mask.
-fn block_sigterm() -> nix::Result<()> {
+/// A blocked signal stays pending until a thread waits for it: as good as ignoring it,
+/// or as a handler, without an unsafe one. Called before any thread starts, so every
+/// thread inherits the mask.
+fn block_sigterm() -> nix::Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
-    set.thread_block()
+    set.thread_block()?;
+    Ok(set)
 }
