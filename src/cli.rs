@@ -50,7 +50,7 @@ pub enum Command {
         #[arg(long)]
         service: Option<String>,
     },
-    /// Send a JSON message to every ready worker of a running lb (on its channel, fd 3).
+    /// Send a JSON message to every worker of a running lb (on its channel, fd 3).
     Broadcast {
         /// One JSON value, e.g. '{"usersCount":25}'.
         message: String,

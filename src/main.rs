@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser as _;
 use hyper::Method;
@@ -11,30 +12,42 @@ use lb::admin::{client, status::Status};
 use lb::cli::{Cli, Command};
 use lb::{config, logging, output};
 
+/// How long `lb status`, `lb reload` and `lb broadcast` wait for an answer.
+const ANSWER: Option<Duration> = Some(Duration::from_secs(15));
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Check { file }) => check(file.as_deref().unwrap_or(&cli.config)),
-        Some(Command::Status { json }) => {
-            client_command(&cli, Method::GET, "/status", String::new(), |body| {
+        Some(Command::Status { json }) => client_command(
+            &cli,
+            Method::GET,
+            "/status",
+            String::new(),
+            ANSWER,
+            |body| {
                 if *json {
                     return Ok(body.to_owned());
                 }
                 let status: Status = serde_json::from_str(body)
                     .map_err(|err| format!("unexpected answer: {err}"))?;
                 Ok(status.table())
-            })
-        }
-        Some(Command::Reload) => {
-            client_command(&cli, Method::POST, "/reload", String::new(), |body| {
-                Ok(body.to_owned())
-            })
-        }
+            },
+        ),
+        Some(Command::Reload) => client_command(
+            &cli,
+            Method::POST,
+            "/reload",
+            String::new(),
+            ANSWER,
+            |body| Ok(body.to_owned()),
+        ),
         Some(Command::Restart { service }) => {
             let path = service
                 .as_ref()
                 .map_or("/restart".to_owned(), |s| format!("/restart?service={s}"));
-            client_command(&cli, Method::POST, &path, String::new(), |body| {
+            // Waits as long as the rollout takes.
+            client_command(&cli, Method::POST, &path, String::new(), None, |body| {
                 Ok(body.to_owned())
             })
         }
@@ -42,7 +55,7 @@ fn main() -> ExitCode {
             let path = service.as_ref().map_or("/broadcast".to_owned(), |s| {
                 format!("/broadcast?service={s}")
             });
-            client_command(&cli, Method::POST, &path, message.clone(), |body| {
+            client_command(&cli, Method::POST, &path, message.clone(), ANSWER, |body| {
                 let answer: serde_json::Value = serde_json::from_str(body)
                     .map_err(|err| format!("unexpected answer: {err}"))?;
                 Ok(format!("delivered to {} workers\n", answer["delivered"]))
@@ -72,7 +85,7 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(cli: &Cli) -> ExitCode {
     let code = run_until_stopped(cli);
-    output::flush(std::time::Duration::from_secs(2));
+    output::flush(Duration::from_secs(2));
     code
 }
 
@@ -97,12 +110,12 @@ fn run_until_stopped(cli: &Cli) -> ExitCode {
         }
     };
     let result = runtime.block_on(lb::run(cli.config.clone(), config));
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // After the log lines that led up to it.
-            output::flush(std::time::Duration::from_secs(2));
+            output::flush(Duration::from_secs(2));
             eprintln!("lb: {err:#}");
             ExitCode::FAILURE
         }
@@ -138,6 +151,7 @@ fn client_command(
     method: Method,
     path: &str,
     body: String,
+    limit: Option<Duration>,
     show: impl Fn(&str) -> Result<String, String>,
 ) -> ExitCode {
     let fail = |msg: &str| {
@@ -155,7 +169,7 @@ fn client_command(
         Ok(rt) => rt,
         Err(err) => return fail(&format!("could not start the async runtime: {err}")),
     };
-    match runtime.block_on(client::call(addr, method, path, body)) {
+    match runtime.block_on(client::call(addr, method, path, body, limit)) {
         Ok((code, body)) if code.is_success() => match show(&body) {
             Ok(out) => {
                 print!("{out}");

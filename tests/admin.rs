@@ -169,6 +169,23 @@ fn lb_status_prints_a_table_and_json() {
 }
 
 #[test]
+fn client_commands_give_up_on_an_address_that_never_answers() {
+    // Accepts (the kernel does, from the backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(LB)
+        .args(["status", "--admin", &addr])
+        .output()
+        .expect("run lb status");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), format!("lb: {addr} did not answer within 15s"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+    drop(silent);
+}
+
+#[test]
 fn client_commands_say_clearly_when_no_lb_answers() {
     let nobody = format!("127.0.0.1:{}", common::free_port());
     let out = Command::new(LB)
@@ -209,6 +226,9 @@ fn oversized_malformed_and_misrouted_requests_are_refused_and_lb_keeps_serving()
     assert_eq!(lb.admin("GET", "/nowhere", b"").0, 404);
     assert_eq!(lb.admin("GET", "/reload", b"").0, 405);
     assert_eq!(lb.admin("POST", "/status", b"").0, 405);
+    // HEAD is GET without the body, for health checkers.
+    assert_eq!(lb.admin("HEAD", "/healthz", b""), (200, String::new()));
+    assert_eq!(lb.admin("HEAD", "/reload", b"").0, 405);
     let mut raw = common::connect(admin);
     std::io::Write::write_all(&mut raw, b"NOT HTTP AT ALL\r\n\r\n").expect("send garbage");
     let mut answer = String::new();

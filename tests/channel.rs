@@ -346,3 +346,27 @@ services:
     }
     assert_memory_bounded(&lb);
 }
+
+#[test]
+fn a_broadcast_reaches_a_worker_that_is_still_starting() {
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: ["{worker}"]
+      count: 1
+      ready: message
+      env: { READY_MESSAGE_AFTER_MS: "20000" }
+"#,
+    );
+    lb.wait_log("worker started");
+    let out = lb.cli(&["broadcast", r#"{"flag":true}"#]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "delivered to 1 workers\n"
+    );
+    assert!(lb.lines("worker ready").is_empty(), "it was still starting");
+}

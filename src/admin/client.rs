@@ -2,6 +2,7 @@
 //! running lb's admin API.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -11,17 +12,43 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Sends one request and returns the status and body. A refused connection becomes an
-/// error that says no lb answers there.
+/// A running lb accepts at once; anything slower is not an lb that works.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one request and returns the status and body, waiting up to `limit` for the
+/// answer (`None` for a rollout, which takes as long as it takes). A refused
+/// connection becomes an error that says no lb answers there.
 pub async fn call(
     addr: SocketAddr,
     method: Method,
     path: &str,
     body: String,
+    limit: Option<Duration>,
 ) -> anyhow::Result<(StatusCode, String)> {
-    let stream = TcpStream::connect(addr).await.with_context(|| {
-        format!("no lb answers at {addr} (is it running, with admin.listen there? pass --admin ADDR otherwise)")
-    })?;
+    let exchange = exchange(addr, method, path, body);
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("{addr} did not answer within {limit:?}"))?,
+        None => exchange.await,
+    }
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(StatusCode, String)> {
+    let no_lb = || {
+        format!(
+            "no lb answers at {addr} (is it running, with admin.listen there? pass --admin ADDR otherwise)"
+        )
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .with_context(no_lb)?
+        .with_context(no_lb)?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .with_context(|| format!("could not talk HTTP to {addr}"))?;

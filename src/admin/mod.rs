@@ -95,7 +95,9 @@ async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallibl
             ));
         }
     };
-    if method != allowed {
+    // HEAD is GET without the body (hyper drops it), as health checkers expect.
+    let head_of_get = method == Method::HEAD && allowed == Method::GET;
+    if method != allowed && !head_of_get {
         let mut reply = text(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("use {allowed} {path}\n"),

@@ -17,7 +17,7 @@ use super::types::{
 pub(super) struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
-    pub services: Vec<RawService>,
+    pub services: Spanned<Vec<RawService>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,7 +68,7 @@ pub(super) struct RawWorkers {
     #[serde(default)]
     pub cwd: Option<Spanned<String>>,
     #[serde(default)]
-    pub env: BTreeMap<String, ScalarText>,
+    pub env: Option<Spanned<BTreeMap<String, ScalarText>>>,
     #[serde(default)]
     pub ready: Option<ReadyCheck>,
     #[serde(default)]

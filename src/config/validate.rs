@@ -1,7 +1,7 @@
 //! From raw YAML to a typed [`Config`]: deserialization errors with their position and
 //! field path, then cross-field rules, each rule one function that reports every breach.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use serde_path_to_error::Segment;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
 use super::raw::{RawBackoff, RawConfig, RawService, RawWorkers};
-use super::types::{Balance, ListenAddrs, addresses_clash};
+use super::types::{Balance, ListenAddrs, ScalarText, addresses_clash};
 use super::{
     BackoffPolicy, Config, ConfigError, ConfigErrors, ServiceConfig, Timeouts, WorkersConfig,
 };
@@ -111,15 +111,19 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
         message,
     };
     let mut errors = Vec::new();
-    errors.extend(unique_names(&raw.services, &at));
+    if raw.services.value.is_empty() {
+        let msg = "expected at least one service".to_owned();
+        errors.push(at(&raw.services.referenced, "services".to_owned(), msg));
+    }
+    errors.extend(unique_names(&raw.services.value, &at));
     errors.extend(unique_listeners(
-        &raw.services,
+        &raw.services.value,
         raw.admin.listen.resolve(),
         &at,
     ));
-    errors.extend(backends_present(&raw.services, &at));
+    errors.extend(backends_present(&raw.services.value, &at));
     let mut services = Vec::new();
-    for (i, svc) in raw.services.into_iter().enumerate() {
+    for (i, svc) in raw.services.value.into_iter().enumerate() {
         match service(svc, i, base, &at) {
             Ok(svc) => services.push(svc),
             Err(err) => errors.push(err),
@@ -240,6 +244,7 @@ fn service(raw: RawService, i: usize, base: &Path, at: &At) -> Result<ServiceCon
 fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersConfig, ConfigError> {
     let cwd = cwd(raw.cwd, i, base, at)?;
     let restart_backoff = backoff(raw.restart_backoff, i, at)?;
+    let env = env(raw.env, i, at)?;
     Ok(WorkersConfig {
         command: raw.command,
         count: raw
@@ -247,7 +252,7 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
             .map_or(super::types::WorkerCount::Auto, |c| c)
             .resolve(),
         cwd,
-        env: raw.env.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        env,
         ready_timeout: raw.ready_timeout.map_or(DEFAULT_READY_TIMEOUT, |d| d.0),
         drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         stop_signal: raw.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
@@ -259,6 +264,36 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
         }),
         restart_backoff,
     })
+}
+
+/// `env`, as the names and values a process environment can hold.
+fn env(
+    raw: Option<Spanned<BTreeMap<String, ScalarText>>>,
+    i: usize,
+    at: &At,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(BTreeMap::new());
+    };
+    let problem = raw.value.iter().find_map(|(name, value)| {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            Some(format!(
+                "{name:?} is not a variable name (empty, or with = or NUL)"
+            ))
+        } else if value.0.contains('\0') {
+            Some(format!("the value of {name} holds a NUL byte"))
+        } else {
+            None
+        }
+    });
+    match problem {
+        Some(msg) => Err(at(
+            &raw.referenced,
+            format!("services[{i}].workers.env"),
+            msg,
+        )),
+        None => Ok(raw.value.into_iter().map(|(k, v)| (k, v.0)).collect()),
+    }
 }
 
 /// `cwd`, resolved against the config file's folder; it must be an existing folder.

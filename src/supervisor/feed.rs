@@ -12,7 +12,6 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
 use tracing::{debug, warn};
 
-use super::messages::Reach;
 use super::stop::Phase;
 use super::{Event, ExitStatus, Inbox, Supervisor, worker};
 use crate::channel::Message;
@@ -93,7 +92,7 @@ impl Supervisor {
         let mut delivered = 0;
         for value in &values {
             let message = Message::new(value);
-            delivered += self.deliver(si, &message, Reach::Running);
+            delivered += self.deliver(si, &message);
             self.services[si].feed.last = Some(message);
         }
         debug!(service, values = values.len(), delivered, "feed: broadcast");

@@ -36,8 +36,8 @@ impl Supervisor {
         debug!(worker = %worker.backend.label, content = %value, "message from worker");
     }
 
-    /// Sends `message` to every ready worker of `service` (or of all services) and
-    /// answers with how many took it.
+    /// Sends `message` to every worker of `service` (or of all services), starting ones
+    /// included, as Node's cluster does, and answers with how many took it.
     pub(super) fn broadcast(
         &mut self,
         service: Option<String>,
@@ -59,15 +59,17 @@ impl Supervisor {
                 .as_deref()
                 .is_none_or(|s| s == self.services[si].config.name)
             {
-                delivered += self.deliver(si, message, Reach::Ready);
+                delivered += self.deliver(si, message);
             }
         }
         answer(reply, Ok(format!("{{\"delivered\":{delivered}}}")));
     }
 
-    /// Queues `message` for the workers of a service that `reach` names; counts and logs
-    /// drops once per run of drops, not once per message.
-    pub(super) fn deliver(&mut self, si: usize, message: &Message, reach: Reach) -> usize {
+    /// Queues `message` for every worker of a service, starting ones too (a worker that
+    /// starts during a rollout must not miss a broadcast, nor start serving with an
+    /// empty cache of fed values); counts and logs drops once per run of drops, not once
+    /// per message.
+    pub(super) fn deliver(&mut self, si: usize, message: &Message) -> usize {
         let svc = &mut self.services[si];
         let mut delivered = 0;
         let workers = svc
@@ -75,9 +77,6 @@ impl Supervisor {
             .iter_mut()
             .flat_map(|s| s.worker.iter_mut().chain(s.replacement.iter_mut()));
         for w in workers {
-            if reach == Reach::Ready && w.state != super::WorkerState::Ready {
-                continue;
-            }
             // A run of drops ends once the worker has taken everything queued and a
             // while has passed without drops, so a burst logs one line, not one per gap.
             let caught_up =
@@ -99,14 +98,4 @@ impl Supervisor {
         }
         delivered
     }
-}
-
-/// Which workers a message goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reach {
-    /// Workers in rotation: broadcasts (contract §5).
-    Ready,
-    /// Every worker running, starting ones too: fed values, so no worker starts serving
-    /// with an empty cache.
-    Running,
 }

@@ -82,7 +82,7 @@ pub enum Event {
         value: serde_json::Value,
         in_flight: crate::channel::InFlight,
     },
-    /// `POST /broadcast`: send a message to every ready worker of one service or all.
+    /// `POST /broadcast`: send a message to every worker of one service or all.
     Broadcast {
         service: Option<String>,
         message: crate::channel::Message,
