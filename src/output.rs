@@ -4,19 +4,22 @@
 //! would block them, and with them every proxied connection and signal.
 //!
 //! Worker lines wait for room in the queue, which pushes back on the worker's pipe as a
-//! terminal would. lb's own log lines cannot wait (the supervisor would stop with them),
-//! so when the queue is full they are dropped and counted, and the count is written as
-//! soon as the output moves again.
+//! terminal would. lb's own log lines cannot wait (the supervisor would stop with them):
+//! part of each queue is kept for them, so a chatty worker never crowds them out, and
+//! only when the output itself stalls and that part fills up are they dropped, counted,
+//! and the count logged as soon as the output moves again.
 
 use std::io::Write as _;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 /// Lines held for a stalled reader before worker pipes are pushed back on.
 const QUEUE: usize = 1024;
+/// Of those, places only lb's own log lines may take.
+const RESERVED_FOR_LB: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -25,7 +28,8 @@ pub enum Stream {
 }
 
 enum Item {
-    Line(Vec<u8>),
+    /// A line, and for a worker's line its place in the queue, freed once written.
+    Line(Vec<u8>, Option<OwnedSemaphorePermit>),
     /// Answered once every line queued before it is written.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -34,6 +38,8 @@ enum Item {
 /// that stopped does not hold up the log on stderr.
 struct Output {
     queue: mpsc::Sender<Item>,
+    /// Places worker lines may take; the queue always has the rest free for lb's lines.
+    worker_places: Arc<Semaphore>,
     dropped: AtomicU64,
 }
 
@@ -53,9 +59,10 @@ pub fn start() {
             .spawn(move || {
                 while let Some(item) = rx.blocking_recv() {
                     match item {
-                        Item::Line(bytes) => {
-                            report_dropped(stream);
+                        Item::Line(bytes, place) => {
                             write_now(stream, &bytes);
+                            drop(place);
+                            report_dropped(stream);
                         }
                         Item::Flush(done) => {
                             let _ = done.send(());
@@ -65,6 +72,7 @@ pub fn start() {
             })?;
         Ok(Output {
             queue,
+            worker_places: Arc::new(Semaphore::new(QUEUE - RESERVED_FOR_LB)),
             dropped: AtomicU64::new(0),
         })
     };
@@ -73,11 +81,15 @@ pub fn start() {
     }
 }
 
-/// Queues a line, waiting while the queue is full.
+/// Queues a worker's line, waiting while the places for worker lines are taken.
 pub async fn write(stream: Stream, line: Vec<u8>) {
     match output(stream) {
         Some(out) => {
-            let _ = out.queue.send(Item::Line(line)).await;
+            let Ok(place) = Arc::clone(&out.worker_places).acquire_owned().await else {
+                return;
+            };
+            // Never waits: holding a place means the queue has room.
+            let _ = out.queue.send(Item::Line(line, Some(place))).await;
         }
         None => write_now(stream, &line),
     }
@@ -87,7 +99,7 @@ pub async fn write(stream: Stream, line: Vec<u8>) {
 pub fn try_write(stream: Stream, line: Vec<u8>) {
     match output(stream) {
         Some(out) => {
-            if out.queue.try_send(Item::Line(line)).is_err() {
+            if out.queue.try_send(Item::Line(line, None)).is_err() {
                 out.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -97,33 +109,39 @@ pub fn try_write(stream: Stream, line: Vec<u8>) {
 
 /// Waits, up to `limit` in all, until every line queued so far is written: lb's last
 /// lines must not die with the process, and a stalled reader must not keep it from
-/// exiting.
+/// exiting. Lines dropped on the way are reported first.
 pub fn flush(limit: Duration) {
     let deadline = Instant::now() + limit;
     for stream in [Stream::Stdout, Stream::Stderr] {
-        let Some(out) = output(stream) else { return };
-        let (done, written) = std::sync::mpsc::channel();
-        let mut item = Item::Flush(done);
-        loop {
-            match out.queue.try_send(item) {
-                Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => {
-                    item = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(_) => return,
-            }
-        }
-        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        report_dropped(stream);
+        flush_one(stream, deadline);
     }
 }
 
+fn flush_one(stream: Stream, deadline: Instant) {
+    let Some(out) = output(stream) else { return };
+    let (done, written) = std::sync::mpsc::channel();
+    let mut item = Item::Flush(done);
+    loop {
+        match out.queue.try_send(item) {
+            Ok(()) => break,
+            Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => {
+                item = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
+/// Logs how many of lb's lines were dropped, through the log itself, so the note has
+/// the log's format (one JSON object per line with `--log-format json`).
 fn report_dropped(stream: Stream) {
     let Some(out) = output(stream) else { return };
     let dropped = out.dropped.swap(0, Ordering::Relaxed);
     if dropped > 0 {
-        let note = format!("lb: {dropped} log lines dropped while the output was blocked\n");
-        write_now(stream, note.as_bytes());
+        tracing::warn!(dropped, "log lines dropped while the output was blocked");
     }
 }
 

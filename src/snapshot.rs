@@ -157,11 +157,19 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub pools: HashMap<String, Arc<Pool>>,
-    /// The pool of the service that owns each listen address. Connections are routed by
-    /// the address they arrived on, not by the accept loop that took them, so one that
-    /// the old loop of an address handed over in a reload accepts still reaches the
-    /// address's new service.
+    /// The pool of the service that owns each listen address. A connection goes to the
+    /// owner of the address it arrived on, so one that the old loop of an address handed
+    /// over in a reload accepts still reaches the address's new service; to the service
+    /// that accepted it if the address has no owner any more (a reload closed it).
     pub listeners: HashMap<SocketAddr, Arc<Pool>>,
+}
+
+impl Snapshot {
+    fn route(&self, service: &str, listen: SocketAddr) -> Option<&Arc<Pool>> {
+        self.listeners
+            .get(&listen)
+            .or_else(|| self.pools.get(service))
+    }
 }
 
 /// The current snapshot, and a way to wait for the next one.
@@ -182,13 +190,13 @@ impl Snapshots {
         self.changed.notify_waiters();
     }
 
-    /// The pool of the service listening on `listen` once it has a ready backend. A
-    /// client may wait up to the service's connect timeout for one (at startup, or
-    /// while every worker restarts) instead of being closed at once; `None` if none
-    /// appears by then, or no service listens there any more.
-    pub async fn ready_pool(&self, listen: SocketAddr) -> Option<Arc<Pool>> {
+    /// The pool for a connection that `service` accepted on `listen`, once it has a
+    /// ready backend. A client may wait up to the service's connect timeout for one (at
+    /// startup, or while every worker restarts) instead of being closed at once; `None`
+    /// if none appears by then, or neither the address nor the service is still there.
+    pub async fn ready_pool(&self, service: &str, listen: SocketAddr) -> Option<Arc<Pool>> {
         // The common case touches nothing shared but the ArcSwap.
-        let pool = Arc::clone(self.load().listeners.get(&listen)?);
+        let pool = Arc::clone(self.load().route(service, listen)?);
         if !pool.is_empty() {
             return Some(pool);
         }
@@ -197,7 +205,7 @@ impl Snapshots {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let pool = Arc::clone(self.load().listeners.get(&listen)?);
+            let pool = Arc::clone(self.load().route(service, listen)?);
             if !pool.is_empty() {
                 return Some(pool);
             }

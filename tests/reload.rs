@@ -172,6 +172,45 @@ fn renaming_a_service_hands_its_address_over_without_refusing_a_client() {
 }
 
 #[test]
+fn a_client_accepted_on_an_address_a_reload_closes_is_still_served() {
+    let second = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = |listen: &str| {
+        format!(
+            r#"
+services:
+  - name: web
+    listen: {listen}
+    timeouts: {{ connect: 10s }}
+    workers:
+      command: ["{{worker}}"]
+      count: 1
+      env: {{ HELLO: "1", START_DELAY_MS: "1500" }}
+"#
+        )
+    };
+    let lb = Lb::start(&config(&format!("['{{listen}}', '{second}']")));
+    lb.wait_log("listening");
+    lb.wait_log("worker started");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", lb.pid()))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let waiting = std::thread::spawn({
+        let addr = lb.listen;
+        move || hello(addr)
+    });
+    // lb holds the client's socket: accepted, and waiting for the worker to get ready.
+    wait_until("lb to accept the client", DEADLINE, || fds() > before);
+    lb.rewrite_config(&config(&format!("'{second}'")));
+    lb.signal(Signal::SIGHUP);
+    reloaded(&lb, "applied", 1);
+    let line = waiting.join().expect("client thread").expect("served");
+    assert!(line.contains("service=web"), "{line}");
+}
+
+#[test]
 fn widening_a_listen_address_in_one_reload_is_refused_with_the_way_out() {
     let lb = Lb::start(&echo_service(1));
     lb.wait_ready(1);

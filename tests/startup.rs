@@ -135,6 +135,30 @@ services:
 }
 
 #[test]
+fn a_worker_flooding_the_log_crowds_out_none_of_lbs_own_lines() {
+    // A worker writing lines as fast as it can, on the same stream as lb's log, while
+    // lb logs reloads.
+    let lb = Lb::start(
+        r#"
+services:
+  - name: web
+    listen: {listen}
+    workers:
+      command: "yes spam-line >&2 & exec {worker}"
+      count: 1
+"#,
+    );
+    lb.wait_log("[web/0] spam-line");
+    for _ in 0..5 {
+        assert_eq!(lb.admin("POST", "/reload", b"").0, 200);
+    }
+    common::wait_until("five reload lines", common::DEADLINE, || {
+        lb.lines("reload: no change").len() == 5
+    });
+    assert!(lb.lines("log lines dropped").is_empty());
+}
+
+#[test]
 fn a_bare_config_file_name_runs_workers_in_the_config_folder() {
     let dir = tempfile::tempdir().expect("temp dir");
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));

@@ -25,7 +25,7 @@ pub(super) async fn handle(
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
         // finds the new worker rather than only the old one.
-        let Some(pool) = proxy.snapshots.ready_pool(listen).await else {
+        let Some(pool) = proxy.snapshots.ready_pool(service, listen).await else {
             break;
         };
         let Some(backend) = pool.pick(&tried[..attempt]).cloned() else {

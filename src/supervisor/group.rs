@@ -32,6 +32,8 @@ pub(super) struct Lingering {
     /// The retiring worker this was, whose rollout step waits for the whole group.
     retired: Option<BackendId>,
     since: Instant,
+    /// SIGKILL then, if lb's own deadlines (retirement, stop) have not come first.
+    deadline: Instant,
     killed: Option<Instant>,
 }
 
@@ -50,6 +52,7 @@ impl Supervisor {
                 label: Arc::clone(&worker.backend.label),
                 retired: retired.then_some(worker.backend.id),
                 since: Instant::now(),
+                deadline: Instant::now() + worker.config.stop_timeout,
                 killed: None,
             });
             info!(worker = %worker.backend.label, pid = %worker.pid, "worker exited; waiting for the rest of its process group");
@@ -85,6 +88,11 @@ impl Supervisor {
     /// Drops the groups that are gone (or were SIGKILLed long enough ago), and lets a
     /// rollout waiting for one go on.
     pub(super) fn check_groups(&mut self) {
+        for l in &mut self.lingering {
+            if l.deadline <= Instant::now() {
+                l.kill();
+            }
+        }
         let (gone, still): (Vec<Lingering>, Vec<Lingering>) = std::mem::take(&mut self.lingering)
             .into_iter()
             .partition(|l| {

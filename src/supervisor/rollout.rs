@@ -124,42 +124,53 @@ impl Supervisor {
     /// replacement still starting with settings that are no longer wanted (the config
     /// changed again, or back) is discarded rather than let into the slot.
     pub(super) fn converge(&mut self) {
+        let outdated: Vec<(usize, usize)> = self
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(si, svc)| {
+                let target = svc.config.workers.as_ref();
+                svc.slots.iter().enumerate().filter_map(move |(slot, s)| {
+                    let r = s.replacement.as_ref()?;
+                    (!target.is_some_and(|t| r.config.same_process(t))).then_some((si, slot))
+                })
+            })
+            .collect();
+        // A slot whose worker died while being replaced is left empty by the discard:
+        // it restarts as after a crash, with the new settings.
+        let emptied: Vec<(usize, usize)> = outdated
+            .into_iter()
+            .filter(|&(si, slot)| self.discard_replacement(si, slot))
+            .collect();
         let mut stale = Vec::new();
-        let mut outdated = Vec::new();
         for svc in &mut self.services {
             let Some(target) = &svc.config.workers else {
                 continue;
             };
             for (slot, s) in svc.slots.iter_mut().enumerate() {
-                match &s.replacement {
-                    Some(r) if r.config.same_process(target) => continue,
-                    Some(_) => outdated.push((svc.config.name.clone(), slot)),
-                    None => {}
-                }
-                if s.config.same_process(target) {
+                if s.replacement.is_some() || s.config.same_process(target) {
                     continue;
                 }
-                if s.worker.is_none() && s.replacement.is_none() {
+                if s.worker.is_none() {
                     s.set_config(Arc::new(target.clone()));
                 } else {
                     stale.push((svc.config.name.clone(), slot));
                 }
             }
         }
-        for (service, slot) in outdated {
-            self.discard_replacement(&service, slot);
+        for (si, slot) in emptied {
+            self.refill(si, slot);
         }
         self.queue_rollout(stale, Why::Stale);
     }
 
     /// Kills the replacement starting in `slot`; the rollout goes on with its next slot.
-    fn discard_replacement(&mut self, service: &str, slot: usize) {
-        let Some(si) = self.service_index(service) else {
-            return;
-        };
+    /// True if that leaves the slot without a worker.
+    fn discard_replacement(&mut self, si: usize, slot: usize) -> bool {
+        let service = self.services[si].config.name.clone();
         if let Some(worker) = self.services[si].slots[slot].replacement.take() {
             info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement outdated by a reload; discarding it");
-            self.discard(service, slot, worker);
+            self.discard(&service, slot, worker);
         }
         let in_step = self
             .rollout
@@ -169,6 +180,7 @@ impl Supervisor {
         if in_step {
             self.rollout.step = None;
         }
+        self.services[si].slots[slot].worker.is_none()
     }
 
     /// Queues slots for replacement; [`Self::resume_rollout`] starts them. A slot whose
