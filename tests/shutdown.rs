@@ -28,6 +28,10 @@ services:
     lb.wait_log("] accepted a connection");
     lb.signal(Signal::SIGTERM);
     lb.wait_log("stopping: listeners closed");
+    // New clients are refused at once, not left in a backlog nobody accepts from.
+    wait_until("the listener closed", DEADLINE, || {
+        std::net::TcpStream::connect(lb.listen).is_err()
+    });
     let mut reply = [0u8; 9];
     client.read_exact(&mut reply).expect("reply after SIGTERM");
     assert_eq!(&reply, b"in flight");

@@ -37,7 +37,7 @@ impl Supervisor {
         }
         self.phase = Phase::Draining;
         self.rollout_abort();
-        self.proxy.accept.cancel();
+        self.close_listeners();
         self.proxy.tracker.close();
         for svc in &mut self.services {
             for w in svc.slots.iter_mut().filter_map(|s| s.worker.as_mut()) {
@@ -92,7 +92,7 @@ impl Supervisor {
         }
         self.phase = Phase::Killing;
         self.rollout_abort();
-        self.proxy.accept.cancel();
+        self.close_listeners();
         self.proxy.tracker.close();
         self.proxy.connections.cancel();
         let remaining = self.processes().count();
@@ -107,6 +107,16 @@ impl Supervisor {
         // A worker the kernel never reports gone (stuck in an uninterruptible wait) must
         // not keep lb from exiting.
         self.after(KILL_GRACE, Event::KillGraceOver);
+    }
+
+    /// Stops accepting and closes every listening socket, the copies kept for reload
+    /// hand-overs included, so new clients are refused at once rather than left in a
+    /// backlog nobody accepts from.
+    fn close_listeners(&mut self) {
+        self.proxy.accept.cancel();
+        for svc in &mut self.services {
+            svc.listeners.close_all();
+        }
     }
 
     pub(super) fn finished(&self) -> bool {
