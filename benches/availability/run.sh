@@ -66,7 +66,12 @@ summary() {
   echo "${total:-0} | $(( ${errors:-0} + ${non2xx:-0} )) | $(grep -c "worker exited" "$work/server.log" || true)"
 }
 
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# The server was started in a command substitution, so it is no child of ours to `wait`
+# for: poll until it is gone, so the next run finds its ports free.
+stop() {
+  kill -TERM "$1" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+}
 
 echo "| scenario | server | requests | failed | worker crashes |"
 echo "| --- | --- | --- | --- | --- |"
