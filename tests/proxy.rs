@@ -233,12 +233,7 @@ fn running_out_of_descriptors_is_not_blamed_on_the_backend() {
         let _ = stream.read(&mut [0u8; 1]);
     }));
     assert_eq!(hello(lb.listen).expect("through lb"), "hi");
-    let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", lb.pid()))
-            .expect("lb's descriptors")
-            .count()
-    };
-    let open = fds();
+    let open = lb.open_fds();
     // Room for two or three proxied connections (a client and a backend socket each; the
     // greeting's may not have closed yet), so one of the ten clients below gets accepted
     // and then fails to connect to the backend with EMFILE.
@@ -257,7 +252,9 @@ fn running_out_of_descriptors_is_not_blamed_on_the_backend() {
         lb.log()
     );
     drop(held);
-    common::wait_until("lb to close the clients", DEADLINE, || fds() <= open);
+    common::wait_until("lb to close the clients", DEADLINE, || {
+        lb.open_fds() <= open
+    });
     assert_eq!(
         hello(lb.listen).expect("the backend is still in rotation"),
         "hi"

@@ -191,18 +191,15 @@ services:
     let lb = Lb::start(&config(&format!("['{{listen}}', '{second}']")));
     lb.wait_log("listening");
     lb.wait_log("worker started");
-    let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", lb.pid()))
-            .map(Iterator::count)
-            .unwrap_or(0)
-    };
-    let before = fds();
+    let before = lb.open_fds();
     let waiting = std::thread::spawn({
         let addr = lb.listen;
         move || hello(addr)
     });
     // lb holds the client's socket: accepted, and waiting for the worker to get ready.
-    wait_until("lb to accept the client", DEADLINE, || fds() > before);
+    wait_until("lb to accept the client", DEADLINE, || {
+        lb.open_fds() > before
+    });
     lb.rewrite_config(&config(&format!("'{second}'")));
     lb.signal(Signal::SIGHUP);
     reloaded(&lb, "applied", 1);

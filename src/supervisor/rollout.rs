@@ -65,6 +65,13 @@ impl Rollout {
     fn active(&self) -> bool {
         self.step.is_some() || !self.queue.is_empty()
     }
+
+    /// Whether this step's replacement for `slot` is still starting.
+    fn starting_replacement(&self, service: &str, slot: usize) -> bool {
+        self.step
+            .as_ref()
+            .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none())
+    }
 }
 
 impl Supervisor {
@@ -172,12 +179,7 @@ impl Supervisor {
             info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement outdated by a reload; discarding it");
             self.discard(&service, slot, worker);
         }
-        let in_step = self
-            .rollout
-            .step
-            .as_ref()
-            .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none());
-        if in_step {
+        if self.rollout.starting_replacement(&service, slot) {
             self.rollout.step = None;
         }
         self.services[si].slots[slot].worker.is_none()
@@ -188,12 +190,7 @@ impl Supervisor {
     /// one that does not), so it is not queued again.
     fn queue_rollout(&mut self, slots: Vec<(String, usize)>, why: Why) {
         for (service, slot) in slots {
-            let in_step = self
-                .rollout
-                .step
-                .as_ref()
-                .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none());
-            if in_step {
+            if self.rollout.starting_replacement(&service, slot) {
                 continue;
             }
             let queued = self

@@ -194,6 +194,13 @@ impl Lb {
         }
     }
 
+    /// How many file descriptors lb has open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("lb running").id() as i32)
     }
