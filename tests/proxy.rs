@@ -232,11 +232,13 @@ fn running_out_of_descriptors_is_not_blamed_on_the_backend() {
         let _ = stream.write_all(b"hi\n");
         let _ = stream.read(&mut [0u8; 1]);
     }));
-    // Counted before any connection, so nothing is closing meanwhile.
+    // The limit bounds descriptor numbers, not their count (lb may hold a high one it
+    // inherited, such as cargo's jobserver pipe): room for exactly one more, the lowest
+    // free number. The first client is accepted there; its connect to the backend then
+    // fails with EMFILE.
+    lb.wait_log("admin API listening");
     let open = lb.open_fds();
-    // Room for two proxied connections (a client and a backend socket each) and one more
-    // client: an odd number, so one of the ten clients below is surely accepted and then
-    // fails to connect to the backend with EMFILE.
+    let lowest_free = (0..).find(|n| !open.contains(n)).expect("a free number");
     // The soft limit only, so it can be raised again without privileges.
     let limit_fds = |limit: usize| {
         let status = std::process::Command::new("prlimit")
@@ -246,7 +248,7 @@ fn running_out_of_descriptors_is_not_blamed_on_the_backend() {
             .expect("run prlimit (util-linux)");
         assert!(status.success());
     };
-    limit_fds(open + 5);
+    limit_fds(lowest_free as usize + 1);
     let held: Vec<_> = (0..10).map(|_| connect(lb.listen)).collect();
     lb.wait_log("lb is out of resources");
     drop(held);

@@ -191,14 +191,14 @@ services:
     let lb = Lb::start(&config(&format!("['{{listen}}', '{second}']")));
     lb.wait_log("listening");
     lb.wait_log("worker started");
-    let before = lb.open_fds();
+    let before = lb.open_fds().len();
     let waiting = std::thread::spawn({
         let addr = lb.listen;
         move || hello(addr)
     });
     // lb holds the client's socket: accepted, and waiting for the worker to get ready.
     wait_until("lb to accept the client", DEADLINE, || {
-        lb.open_fds() > before
+        lb.open_fds().len() > before
     });
     lb.rewrite_config(&config(&format!("'{second}'")));
     lb.signal(Signal::SIGHUP);

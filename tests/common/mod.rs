@@ -194,11 +194,14 @@ impl Lb {
         }
     }
 
-    /// How many file descriptors lb has open.
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(Iterator::count)
-            .unwrap_or(0)
+    /// The numbers of the file descriptors lb has open.
+    pub fn open_fds(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     pub fn pid(&self) -> Pid {
