@@ -27,6 +27,8 @@ pub const DEFAULT_ADMIN: SocketAddr =
 /// A whole lb configuration, every default filled in.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// After SIGTERM, how long lb keeps accepting while `/healthz` answers 503.
+    pub shutdown_delay: Duration,
     /// The admin API's address; None when `admin.listen: null` turns it off.
     pub admin: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
@@ -67,6 +69,9 @@ pub struct WorkersConfig {
     pub stop_timeout: Duration,
     pub restart_backoff: BackoffPolicy,
     pub feed: Option<FeedConfig>,
+    /// A rollout's replacement that exits within this long after it became ready
+    /// halts the rollout.
+    pub rollout_watch: Duration,
 }
 
 /// `workers.feed`: a command run every `every` whose JSON output is broadcast.

@@ -16,6 +16,8 @@ use super::types::{
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     #[serde(default)]
+    pub shutdown_delay: Option<DurationStr>,
+    #[serde(default)]
     pub admin: RawAdmin,
     pub services: Spanned<Vec<RawService>>,
 }
@@ -83,6 +85,8 @@ pub(super) struct RawWorkers {
     pub restart_backoff: Option<Spanned<RawBackoff>>,
     #[serde(default)]
     pub feed: Option<RawFeed>,
+    #[serde(default)]
+    pub rollout_watch: Option<DurationStr>,
 }
 
 #[derive(Debug, Deserialize)]

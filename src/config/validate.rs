@@ -22,6 +22,8 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A replacement that exits this soon after it became ready halts the rollout (§4).
+const DEFAULT_ROLLOUT_WATCH: Duration = Duration::from_secs(10);
 const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -131,6 +133,7 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
     }
     if errors.is_empty() {
         Ok(Config {
+            shutdown_delay: raw.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
             admin: raw.admin.listen.resolve(),
             services,
         })
@@ -263,6 +266,7 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
             every: f.every.0,
         }),
         restart_backoff,
+        rollout_watch: raw.rollout_watch.map_or(DEFAULT_ROLLOUT_WATCH, |d| d.0),
     })
 }
 
