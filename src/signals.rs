@@ -9,7 +9,7 @@
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::supervisor::{Event, Inbox};
+use crate::supervisor::{Command, Inbox, Scope};
 
 /// Starts listening for signals; from now on none of them kills lb by default action.
 pub fn start(inbox: Inbox) -> std::io::Result<()> {
@@ -19,16 +19,20 @@ pub fn start(inbox: Inbox) -> std::io::Result<()> {
     let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         loop {
-            let event = tokio::select! {
-                Some(()) = term.recv() => Event::Stop { fast: false },
-                Some(()) = int.recv() => Event::Stop { fast: false },
-                Some(()) = hup.recv() => Event::Reload { reply: None },
-                Some(()) = usr2.recv() => Event::Restart { service: None, reply: None },
+            tokio::select! {
+                Some(()) = term.recv() => inbox.send(Command::Stop { fast: false }),
+                Some(()) = int.recv() => inbox.send(Command::Stop { fast: false }),
+                // The config is read off the supervisor's task, then applied.
+                Some(()) = hup.recv() => {
+                    inbox.with_config(|config| Command::Reload { config, reply: None });
+                    true
+                }
+                Some(()) = usr2.recv() => {
+                    inbox.with_config(|config| Command::Restart { scope: Scope::All, config, replies: Vec::new() });
+                    true
+                }
                 else => return,
             };
-            if inbox.send(event).is_err() {
-                return;
-            }
         }
     });
     Ok(())

@@ -156,6 +156,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// Every service's pool at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// lb is stopping: `/healthz` answers 503 even while it still serves.
+    pub stopping: bool,
     pub pools: HashMap<String, Arc<Pool>>,
     /// The pool of the service that owns each listen address. A connection goes to the
     /// owner of the address it arrived on, so one that the old loop of an address handed

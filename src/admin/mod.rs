@@ -25,7 +25,7 @@ use tracing::debug;
 use crate::channel::Message;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshots;
-use crate::supervisor::{CommandError, Event, Inbox};
+use crate::supervisor::{Command, CommandError, Inbox, Loaded, Scope};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -132,19 +132,28 @@ async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallibl
         }
         "/healthz" => healthz(&admin),
         "/status" => status(&admin).await,
-        "/reload" => command(&admin, |reply| Event::Reload { reply: Some(reply) }).await,
-        "/restart" => {
-            let service = param(&query, "service");
-            command(&admin, |reply| Event::Restart {
-                service,
+        "/reload" => {
+            loaded_command(&admin, |config, reply| Command::Reload {
+                config,
                 reply: Some(reply),
             })
             .await
         }
+        "/restart" => match restart_scope(&query) {
+            Ok(scope) => {
+                loaded_command(&admin, move |config, reply| Command::Restart {
+                    scope,
+                    config,
+                    replies: vec![reply],
+                })
+                .await
+            }
+            Err(msg) => text(StatusCode::BAD_REQUEST, &msg),
+        },
         _ => match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(value) => {
                 let (service, message) = (param(&query, "service"), Message::new(&value));
-                let mut reply = command(&admin, |reply| Event::Broadcast {
+                let mut reply = command(&admin, |reply| Command::Broadcast {
                     service,
                     message,
                     reply: Some(reply),
@@ -194,6 +203,9 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
 /// 200 when every service has a ready backend: what a container orchestrator should gate on.
 fn healthz(admin: &Admin) -> Reply {
     let snapshot = admin.snapshots.load();
+    if snapshot.stopping {
+        return stopping();
+    }
     let mut unready: Vec<&str> = snapshot
         .pools
         .iter()
@@ -212,7 +224,7 @@ fn healthz(admin: &Admin) -> Reply {
 
 async fn status(admin: &Admin) -> Reply {
     let (tx, rx) = oneshot::channel();
-    if admin.inbox.send(Event::Status { reply: tx }).is_err() {
+    if !admin.inbox.send(Command::Status { reply: tx }) {
         return stopping();
     }
     match rx.await {
@@ -229,12 +241,44 @@ async fn status(admin: &Admin) -> Reply {
     }
 }
 
-/// Sends a command to the supervisor and turns its answer into a response.
-async fn command(admin: &Admin, event: impl FnOnce(crate::supervisor::Reply) -> Event) -> Reply {
+/// `?service=NAME[&worker=ID]` as the workers a restart replaces.
+fn restart_scope(query: &str) -> Result<Scope, String> {
+    match (param(query, "service"), param(query, "worker")) {
+        (None, None) => Ok(Scope::All),
+        (Some(service), None) => Ok(Scope::Service(service)),
+        (Some(service), Some(id)) => match id.parse() {
+            Ok(slot) => Ok(Scope::Worker { service, slot }),
+            Err(_) => Err(format!(
+                "worker must be a worker id (0, 1, ...), found {id:?}\n"
+            )),
+        },
+        (None, Some(_)) => {
+            Err("worker needs service: POST /restart?service=NAME&worker=ID\n".to_owned())
+        }
+    }
+}
+
+/// Sends a command that needs the config file: the file is read off the supervisor's
+/// task first.
+async fn loaded_command(
+    admin: &Admin,
+    make: impl FnOnce(Loaded, crate::supervisor::Reply) -> Command + Send + 'static,
+) -> Reply {
     let (tx, rx) = oneshot::channel();
-    if admin.inbox.send(event(tx)).is_err() {
+    admin.inbox.with_config(move |config| make(config, tx));
+    answer(rx).await
+}
+
+/// Sends a command to the supervisor and turns its answer into a response.
+async fn command(admin: &Admin, make: impl FnOnce(crate::supervisor::Reply) -> Command) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if !admin.inbox.send(make(tx)) {
         return stopping();
     }
+    answer(rx).await
+}
+
+async fn answer(rx: oneshot::Receiver<Result<String, CommandError>>) -> Reply {
     match rx.await {
         Ok(Ok(message)) => text(StatusCode::OK, &format!("{message}\n")),
         Ok(Err(err)) => {

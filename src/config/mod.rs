@@ -24,6 +24,10 @@ pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck, addresses_clash};
 pub const DEFAULT_ADMIN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9900);
 
+/// How long connections to static backends may take to finish when lb stops (a
+/// service with workers uses their `drain_timeout`).
+pub const STATIC_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A whole lb configuration, every default filled in.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,6 +83,16 @@ pub struct WorkersConfig {
 pub struct FeedConfig {
     pub command: CommandSpec,
     pub every: Duration,
+}
+
+impl ServiceConfig {
+    /// How long its open connections may take to finish when its workers leave or lb
+    /// stops.
+    pub fn drain_timeout(&self) -> Duration {
+        self.workers
+            .as_ref()
+            .map_or(STATIC_DRAIN_TIMEOUT, |w| w.drain_timeout)
+    }
 }
 
 impl WorkersConfig {

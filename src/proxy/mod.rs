@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,8 +36,6 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Proxy {
     /// What connection tasks need; one reference count per connection, no lock.
     shared: Arc<Shared>,
-    /// Cancelled to stop every accept loop (graceful stop); each loop has a child token.
-    pub accept: CancellationToken,
     /// Cancelled to close every proxied connection (drain deadline, or a second signal);
     /// each backend has a child token that closes only its own connections.
     pub connections: CancellationToken,
@@ -56,7 +55,6 @@ impl Proxy {
     pub fn new(snapshots: Arc<Snapshots>, down: mpsc::UnboundedSender<BackendId>) -> Self {
         Proxy {
             shared: Arc::new(Shared { snapshots, down }),
-            accept: CancellationToken::new(),
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
         }
@@ -100,7 +98,11 @@ pub struct ServiceListeners {
 
 #[derive(Debug)]
 struct AcceptLoop {
+    /// Cancelled to stop accepting at once (a reload closes or hands over the address).
     stop: CancellationToken,
+    /// Cancelled to stop taking new clients but serve those already queued (lb's stop).
+    finish: CancellationToken,
+    task: JoinHandle<()>,
     /// A second descriptor of the listening socket, so a reload can hand the address to
     /// another service; `None` if the process was out of descriptors when it started.
     socket: Option<OwnedFd>,
@@ -118,18 +120,21 @@ impl ServiceListeners {
 
     /// Starts accepting on a bound listener.
     pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) {
-        let token = proxy.accept.child_token();
+        let (stop, finish) = (CancellationToken::new(), CancellationToken::new());
         let socket = listener.as_fd().try_clone_to_owned().ok();
         let accept = listener::Accept {
             service: Arc::clone(&self.service),
             addr,
             listener,
             limit: Arc::clone(&self.limit),
-            stop: token.clone(),
+            stop: stop.clone(),
+            finish: finish.clone(),
         };
-        tokio::spawn(listener::accept_loop(proxy.clone(), accept));
+        let task = tokio::spawn(listener::accept_loop(proxy.clone(), accept));
         let accept_loop = AcceptLoop {
-            stop: token,
+            stop,
+            finish,
+            task,
             socket,
         };
         self.loops.insert(addr, accept_loop);
@@ -155,6 +160,20 @@ impl ServiceListeners {
         for (_, accept_loop) in self.loops.drain() {
             accept_loop.stop.cancel();
         }
+    }
+
+    /// Stops taking new clients on every address; each loop still accepts the clients
+    /// whose handshake the kernel completed (as `max_connections` allows, until the
+    /// proxy's connections are cancelled), then closes its socket. The handles end when
+    /// their loop has.
+    pub fn close_gracefully(&mut self) -> Vec<JoinHandle<()>> {
+        self.loops
+            .drain()
+            .map(|(_, accept_loop)| {
+                accept_loop.finish.cancel();
+                accept_loop.task
+            })
+            .collect()
     }
 
     pub fn addrs(&self) -> impl Iterator<Item = &SocketAddr> {

@@ -1,15 +1,56 @@
-//! Requests that want an answer (the admin API): what can go wrong, and the reply half.
+//! What the outside asks of the supervisor (signals and the admin API), and how it is
+//! answered. A command that needs the config file carries it already loaded: the file
+//! (and any DNS look-up in it) is read on a blocking thread before the command reaches
+//! the supervisor, so no handler waits on a disk or a resolver.
 
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Event;
+use super::rollout::Scope;
+use crate::admin::status::Status;
+use crate::channel::Message;
+use crate::config::{self, Config, ConfigError, ConfigErrors};
+
+/// The config file as a command found it.
+pub type Loaded = Box<Result<Config, ConfigErrors>>;
+
+/// A request to the supervisor.
+#[derive(Debug)]
+pub enum Command {
+    /// SIGHUP or `POST /reload`: apply the difference to `config`.
+    Reload {
+        config: Loaded,
+        reply: Option<Reply>,
+    },
+    /// SIGUSR2 or `POST /restart`: apply `config`, then replace the workers of `scope`
+    /// one at a time; the replies come when the rollout ends.
+    Restart {
+        scope: Scope,
+        config: Loaded,
+        replies: Vec<Reply>,
+    },
+    /// `POST /broadcast`: send a message to every worker of one service or all.
+    Broadcast {
+        service: Option<String>,
+        message: Message,
+        reply: Option<Reply>,
+    },
+    /// `GET /status`.
+    Status { reply: oneshot::Sender<Status> },
+    /// SIGTERM/SIGINT; a second one, or `fast`, stops at once.
+    Stop { fast: bool },
+}
 
 /// Why a request to the supervisor failed; the admin API maps each to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandError {
     /// The config on disk is invalid or cannot be applied (400).
     Invalid(String),
-    /// No such service (404).
+    /// No such service or worker (404).
     NotFound(String),
     /// The operation ran and failed, e.g. a halted rollout (500).
     Failed(String),
@@ -36,5 +77,46 @@ pub(super) fn answer(reply: Option<Reply>, result: Result<String, CommandError>)
     if let Some(reply) = reply {
         // The client may have gone away; the operation itself is done either way.
         let _ = reply.send(result);
+    }
+}
+
+/// The sending half of the supervisor's inbox, for signals and the admin API.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    tx: mpsc::UnboundedSender<Event>,
+    config_path: Arc<Path>,
+}
+
+impl Inbox {
+    pub(super) fn new(tx: mpsc::UnboundedSender<Event>, config_path: &Path) -> Self {
+        Inbox {
+            tx,
+            config_path: config_path.into(),
+        }
+    }
+
+    /// Sends a command; false once the supervisor has stopped.
+    pub fn send(&self, command: Command) -> bool {
+        self.tx.send(Event::Command(command)).is_ok()
+    }
+
+    /// Reads the config file on a blocking thread, then sends the command `make` builds
+    /// from it.
+    pub fn with_config(&self, make: impl FnOnce(Loaded) -> Command + Send + 'static) {
+        let inbox = self.clone();
+        tokio::spawn(async move {
+            let path = Arc::clone(&inbox.config_path);
+            let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+                .await
+                .unwrap_or_else(|err| {
+                    Err(ConfigErrors(vec![ConfigError {
+                        file: inbox.config_path.display().to_string(),
+                        position: None,
+                        path: String::new(),
+                        message: format!("could not be read: {err}"),
+                    }]))
+                });
+            inbox.send(make(Box::new(loaded)));
+        });
     }
 }

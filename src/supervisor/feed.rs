@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt as _;
 use tracing::{debug, warn};
 
 use super::stop::Phase;
-use super::{Event, ExitStatus, Inbox, Supervisor, worker};
+use super::{Event, ExitStatus, Supervisor, worker};
 use crate::channel::Message;
 
 /// The most output one feed run may print; the rest is ignored.
@@ -122,7 +122,7 @@ impl Supervisor {
 
 /// Reads a feed run's output to its end (the run exited and its group was killed), then
 /// reports its values.
-fn read_feed(service: String, stdout: ChildStdout, tx: Inbox) {
+fn read_feed(service: String, stdout: ChildStdout, tx: tokio::sync::mpsc::UnboundedSender<Event>) {
     tokio::spawn(async move {
         let mut out = Vec::new();
         if let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into()) {

@@ -1,27 +1,27 @@
-//! A worker's own life: started in its slot, probed until ready, taken out of rotation
-//! when a connect fails, and restarted with backoff when it exits unasked.
+//! A worker's own life as the supervisor sees it: started in its slot, probed until
+//! ready, taken out of rotation when a connect fails, and restarted with backoff when
+//! it exits unasked.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::service::{ServiceState, Slot, StaticBackend, Worker, worker_backend};
+use super::life::{Input, Life, Worker, WorkerId};
+use super::rolling::View;
+use super::service::{ServiceState, Slot, StaticBackend, worker_backend};
 use super::stop::Phase;
-use super::{Event, ExitStatus, Place, Supervisor, WorkerState, probe, worker};
+use super::{Event, ExitStatus, Supervisor, WorkerState, probe, worker};
 use crate::channel::{self, Channel};
 use crate::config::{BackendSpec, ReadyCheck, ServiceConfig, WorkersConfig};
 use crate::snapshot::BackendId;
 
 /// How often a starting worker's port is tried.
 const READY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
-/// How often a backend that refused a connection is tried again.
-const RECHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a static backend that refused a connection is tried again.
 const STATIC_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -65,10 +65,10 @@ impl Supervisor {
     pub(super) fn start_slot(&mut self, si: usize, slot: usize) -> anyhow::Result<()> {
         let name = self.services[si].config.name.clone();
         let cfg = Arc::clone(&self.services[si].slots[slot].config);
-        let worker = self
+        let id = self
             .spawn_worker(si, slot, cfg)
             .with_context(|| format!("starting worker {name}/{slot}"))?;
-        self.services[si].slots[slot].worker = Some(worker);
+        self.services[si].slots[slot].worker = Some(id);
         Ok(())
     }
 
@@ -101,20 +101,25 @@ impl Supervisor {
     }
 
     /// Spawns a worker process for a slot with `cfg`, opens its message channel (with
-    /// the service's last fed value waiting in it), and starts waiting for readiness.
+    /// the service's last fed value waiting in it), starts waiting for readiness, and
+    /// records it. The slot is the caller's to fill.
     pub(super) fn spawn_worker(
         &mut self,
         si: usize,
         slot: usize,
         cfg: Arc<WorkersConfig>,
-    ) -> std::io::Result<Worker> {
-        let in_use = self.processes().map(|w| w.backend.addr.port()).collect();
+    ) -> std::io::Result<WorkerId> {
+        let in_use = self
+            .workers
+            .values()
+            .map(|w| w.backend.addr.port())
+            .collect();
         let port = worker::free_port(&in_use)?;
         let id = self.new_id();
         let close = self.proxy.connections.child_token();
-        let name = &self.services[si].config.name;
+        let name: Arc<str> = self.services[si].config.name.as_str().into();
         let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
-        let backend = worker_backend(id, name, slot, addr, close, &self.metrics);
+        let backend = worker_backend(id, &name, slot, addr, close, &self.metrics);
         let (lb_end, worker_end) = channel::pair()?;
         // The channel first: once the process runs, nothing may fail before it is tracked.
         let tx = self.tx.clone();
@@ -127,7 +132,7 @@ impl Supervisor {
         })?;
         let pid = worker::spawn(
             worker::Identity {
-                service: name,
+                service: &name,
                 slot,
                 port,
             },
@@ -157,53 +162,88 @@ impl Supervisor {
             // It says "ready" on its channel; if it has not by the deadline, it failed.
             ReadyCheck::Message => self.after(cfg.ready_timeout, Event::Probe { id, ok: false }),
         }
-        Ok(Worker {
+        let worker = Worker {
+            id,
+            service: name,
+            slot,
             backend: Arc::new(backend),
             pid,
-            state: WorkerState::Starting,
-            started: Instant::now(),
-            probe,
             config: cfg,
             channel,
+            started: Instant::now(),
+            ready_at: None,
+            life: Life::Starting,
+            leaving: None,
+            probe,
             dropped: 0,
             last_drop: None,
-            ready_once: false,
-        })
+        };
+        self.workers.insert(id, worker);
+        Ok(id)
+    }
+
+    /// The slot a worker fills now, if it is its slot's worker.
+    pub(super) fn slot_of(&self, id: WorkerId) -> Option<(usize, usize)> {
+        let w = self.workers.get(&id)?;
+        let si = self.service_index(&w.service)?;
+        let slot = self.services[si].slots.get(w.slot)?;
+        (slot.worker == Some(id)).then_some((si, w.slot))
     }
 
     pub(super) fn exited(&mut self, pid: Pid, status: ExitStatus) {
-        match self.place_of_pid(pid) {
-            Some(Place::Current { si, slot }) => self.current_exited(si, slot, status),
-            Some(Place::Replacement { si, slot }) => self.replacement_exited(si, slot, status),
-            Some(Place::Retiring(i)) => self.retired(i, status),
-            Some(Place::Static { .. }) | None => {
-                if !self.feed_exited(pid, status) {
-                    debug!(%pid, %status, "reaped a process that was not a worker");
-                }
+        let Some(id) = self.workers.values().find(|w| w.pid == pid).map(|w| w.id) else {
+            if !self.feed_exited(pid, status) {
+                debug!(%pid, %status, "reaped a process that was not a worker");
             }
+            return;
+        };
+        let w = &self.workers[&id];
+        let (service, slot) = (Arc::clone(&w.service), w.slot);
+        let (uptime, leaving) = (w.started.elapsed(), w.leaving());
+        if self.rollout.replacing(id).is_some() {
+            let reason =
+                format!("replacement for {service}/{slot} exited ({status}) before it was ready");
+            let effects = self.rollout.exited(id, reason);
+            self.carry_out(effects);
+        } else if let Some((si, slot)) = self.slot_of(id) {
+            self.slot_lost(si, slot, id, status, uptime);
+        } else if leaving {
+            info!(%service, worker = slot, %pid, %status, "retired worker stopped");
         }
+        let group_alive = worker::group_alive(pid);
+        self.drive(id, Input::Exited { group_alive });
     }
 
-    /// The worker in rotation exited: out of the snapshot at once, then restarted with
+    /// The worker of a slot exited: out of rotation at once, then restarted with
     /// backoff, unless lb is stopping or a replacement is about to take the slot.
-    fn current_exited(&mut self, si: usize, slot: usize, status: ExitStatus) {
-        let worker = self.services[si].slots[slot]
-            .worker
-            .take()
-            .expect("place_of_pid found a worker");
-        self.reaped(&worker, self.phase == Phase::StoppingWorkers, false);
+    fn slot_lost(
+        &mut self,
+        si: usize,
+        slot: usize,
+        id: WorkerId,
+        status: ExitStatus,
+        uptime: Duration,
+    ) {
         let name = self.services[si].config.name.clone();
-        let (pid, uptime) = (worker.pid, worker.started.elapsed());
+        let pid = self.workers[&id].pid;
+        self.services[si].slots[slot].worker = None;
         if self.phase != Phase::Running {
             self.services[si].slots[slot].idle_state = WorkerState::Stopped;
             info!(service = %name, worker = slot, %pid, %status, "worker stopped");
-        } else if self.services[si].slots[slot].replacement.is_some() {
-            self.count_crash(si, slot);
+            return;
+        }
+        self.count_crash(si, slot);
+        // A rollout's replacement that exits within its watch halts the rollout.
+        let reason = format!(
+            "{name}/{slot} exited ({status}) {uptime:?} after it was started, within rollout_watch"
+        );
+        let effects = self.rollout.exited(id, reason);
+        self.carry_out(effects);
+        if self.rollout.starting_for(&name, slot) {
             // Its replacement, already starting, takes the slot when ready.
             self.services[si].slots[slot].idle_state = WorkerState::Backoff;
             warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
         } else {
-            self.count_crash(si, slot);
             let delay = self.restart_later(si, slot, uptime);
             warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
         }
@@ -230,99 +270,95 @@ impl Supervisor {
         else {
             return;
         };
-        if self.phase != Phase::Running || s.worker.is_some() || s.replacement.is_some() {
+        if self.phase != Phase::Running
+            || s.worker.is_some()
+            || self.rollout.starting_for(service, slot)
+        {
             return;
         }
         self.start_or_backoff(si, slot);
     }
 
     pub(super) fn probed(&mut self, id: BackendId, ok: bool) {
-        match self.place_of_backend(id) {
-            Some(Place::Current { si, slot }) if ok => self.worker_ready(si, slot),
-            Some(Place::Current { si, slot }) => {
-                let svc = &self.services[si];
-                let worker = svc.slots[slot]
-                    .worker
-                    .as_ref()
-                    .expect("place_of_backend found a worker");
-                if worker.ready_once {
-                    // A deadline for its first readiness, which it met long ago.
-                    return;
-                }
-                let timeout = worker.config.ready_timeout;
-                warn!(service = %svc.config.name, worker = slot, pid = %worker.pid, ?timeout, "worker not ready within ready_timeout; killing it");
-                worker::signal_group(worker.pid, Signal::SIGKILL);
-            }
-            Some(Place::Replacement { si, slot }) if ok => self.replacement_ready(si, slot),
-            Some(Place::Replacement { si, slot }) => {
-                let name = &self.services[si].config.name;
-                let reason =
-                    format!("replacement for {name}/{slot} not ready within ready_timeout");
-                self.replacement_failed(si, slot, reason);
-            }
-            Some(Place::Static { si, index }) => {
+        if let Some((si, index)) = self.static_place(id) {
+            if ok {
                 let svc = &mut self.services[si];
                 let backend = &mut svc.statics[index];
                 backend.up = true;
                 backend.backend.stats.mark_up();
                 info!(service = %svc.config.name, backend = %backend.backend.label, "backend accepts connections again");
             }
-            Some(Place::Retiring(_)) | None => {}
-        }
-    }
-
-    fn worker_ready(&mut self, si: usize, slot: usize) {
-        let svc = &mut self.services[si];
-        let worker = svc.slots[slot]
-            .worker
-            .as_mut()
-            .expect("place_of_backend found a worker");
-        if worker.state == WorkerState::Ready {
             return;
         }
-        worker.state = WorkerState::Ready;
-        worker.ready_once = true;
-        worker.backend.stats.mark_up();
-        info!(service = %svc.config.name, worker = slot, pid = %worker.pid, after = ?worker.started.elapsed(), "worker ready");
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let (service, slot, pid, was) = (Arc::clone(&w.service), w.slot, w.pid, w.life);
+        if ok {
+            self.drive(id, Input::Ready);
+            if self.workers.get(&id).is_some_and(Worker::in_rotation) && was != Life::Ready {
+                let after = self.workers[&id].started.elapsed();
+                info!(%service, worker = slot, %pid, ?after, "worker ready");
+                let watch = self.workers[&id].config.rollout_watch;
+                let effects = self.rollout.ready(
+                    id,
+                    Instant::now(),
+                    watch,
+                    &View::new(&self.services, &self.workers),
+                );
+                self.carry_out(effects);
+            }
+            return;
+        }
+        // Its deadline for a first readiness passed.
+        if w.ready_at.is_some() || w.life != Life::Starting {
+            return;
+        }
+        let timeout = w.config.ready_timeout;
+        if self.rollout.replacing(id).is_some() {
+            let reason = format!("replacement for {service}/{slot} not ready within ready_timeout");
+            let effects = self.rollout.not_ready(id, reason);
+            self.carry_out(effects);
+        } else {
+            warn!(%service, worker = slot, %pid, ?timeout, "worker not ready within ready_timeout; killing it");
+            self.drive(id, Input::Kill);
+        }
     }
 
     /// A connect to this backend failed: out of rotation until a probe reaches it. A
     /// worker that was serving is not killed for it: an overloaded worker drops connects
     /// too, and killing it would lose every connection it holds.
     pub(super) fn backend_down(&mut self, id: BackendId) {
-        match self.place_of_backend(id) {
-            Some(Place::Current { si, slot }) => {
-                let svc = &mut self.services[si];
-                let worker = svc.slots[slot]
-                    .worker
-                    .as_mut()
-                    .expect("place_of_backend found a worker");
-                if worker.state != WorkerState::Ready {
-                    return;
-                }
-                warn!(service = %svc.config.name, worker = slot, pid = %worker.pid, "worker refused a connection; out of rotation until it accepts again");
-                worker.state = WorkerState::Starting;
-                worker.probe.cancel();
-                worker.probe = CancellationToken::new();
-                let (addr, probe) = (worker.backend.addr, worker.probe.clone());
-                probe::until_up(id, addr, RECHECK_INTERVAL, None, probe, self.tx.clone());
+        if let Some(w) = self.workers.get(&id) {
+            if w.in_rotation() {
+                warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker refused a connection; out of rotation until it accepts again");
+                self.drive(id, Input::Refused);
             }
-            Some(Place::Static { si, index }) => {
-                let svc = &mut self.services[si];
-                let backend = &mut svc.statics[index];
-                warn!(service = %svc.config.name, backend = %backend.backend.label, "backend refused a connection; out of rotation until it accepts again");
-                backend.up = false;
-                let (addr, probe) = (backend.backend.addr, backend.probe.clone());
-                probe::until_up(
-                    id,
-                    addr,
-                    STATIC_PROBE_INTERVAL,
-                    None,
-                    probe,
-                    self.tx.clone(),
-                );
-            }
-            Some(Place::Replacement { .. } | Place::Retiring(_)) | None => {}
+            return;
         }
+        let Some((si, index)) = self.static_place(id) else {
+            return;
+        };
+        let svc = &mut self.services[si];
+        let backend = &mut svc.statics[index];
+        warn!(service = %svc.config.name, backend = %backend.backend.label, "backend refused a connection; out of rotation until it accepts again");
+        backend.up = false;
+        let (addr, probe) = (backend.backend.addr, backend.probe.clone());
+        probe::until_up(
+            id,
+            addr,
+            STATIC_PROBE_INTERVAL,
+            None,
+            probe,
+            self.tx.clone(),
+        );
+    }
+
+    /// Where a static backend sits: service index and position.
+    fn static_place(&self, id: BackendId) -> Option<(usize, usize)> {
+        self.services.iter().enumerate().find_map(|(si, svc)| {
+            let index = svc.statics.iter().position(|s| s.backend.id == id)?;
+            Some((si, index))
+        })
     }
 }

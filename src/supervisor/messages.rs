@@ -6,11 +6,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
+use super::Supervisor;
 use super::command::{CommandError, Reply, answer};
-use super::{Place, Supervisor};
+use super::life::WorkerId;
 use crate::channel::Message;
 use crate::config::ReadyCheck;
-use crate::snapshot::BackendId;
 
 /// How long a worker that dropped messages must go without a drop (and with an empty
 /// outbox) before it counts as reading its channel again.
@@ -18,17 +18,10 @@ const DROP_QUIET: Duration = Duration::from_secs(1);
 
 impl Supervisor {
     /// A worker sent `value` on its channel.
-    pub(super) fn message(&mut self, id: BackendId, value: Value) {
-        let Some(place) = self.place_of_backend(id) else {
+    pub(super) fn message(&mut self, id: WorkerId, value: Value) {
+        let Some(worker) = self.workers.get(&id) else {
             return;
         };
-        let worker = match place {
-            Place::Current { si, slot } => self.services[si].slots[slot].worker.as_ref(),
-            Place::Replacement { si, slot } => self.services[si].slots[slot].replacement.as_ref(),
-            Place::Retiring(i) => Some(&self.retiring[i].worker),
-            Place::Static { .. } => None,
-        };
-        let Some(worker) = worker else { return };
         if value == "ready" && worker.config.ready == ReadyCheck::Message {
             self.probed(id, true);
             return;
@@ -70,12 +63,12 @@ impl Supervisor {
     /// empty cache of fed values); counts and logs drops once per run of drops, not once
     /// per message.
     pub(super) fn deliver(&mut self, si: usize, message: &Message) -> usize {
-        let svc = &mut self.services[si];
+        let svc = &self.services[si];
         let mut delivered = 0;
-        let workers = svc
-            .slots
-            .iter_mut()
-            .flat_map(|s| s.worker.iter_mut().chain(s.replacement.iter_mut()));
+        let workers = self
+            .workers
+            .values_mut()
+            .filter(|w| *w.service == svc.config.name && !w.leaving());
         for w in workers {
             // A run of drops ends once the worker has taken everything queued and a
             // while has passed without drops, so a burst logs one line, not one per gap.

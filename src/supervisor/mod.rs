@@ -1,26 +1,29 @@
-//! The supervisor: the one task that owns worker and backend state. Everything that
-//! happens to a worker (spawned, ready, exited, refused a connection), every signal and
-//! every timer arrives here as an [`Event`]; after each event the supervisor publishes
-//! a new snapshot for the proxy. Waits (backoff, drain, stop deadlines) are timers that
-//! send events back, so the actor never blocks while a stop, a rollout or a restart is
-//! in progress.
+//! The supervisor: the one task that owns worker and backend state. Every command
+//! (signals, admin API), every child that exits, probe that answers, connect that fails
+//! and timer that fires arrives here as an [`Event`]; after each event the supervisor
+//! publishes a new snapshot for the proxy. Waits (backoff, drain, stop deadlines) are
+//! timers that send events back, so the actor never blocks.
 //!
-//! The handlers live beside this file, one concern each: `lifecycle.rs` (a worker's own
-//! life: start, ready, crash, restart), `rollout.rs` (replacing workers one by one),
-//! `retire.rs` (draining and stopping a worker that left rotation), `reload.rs`
+//! Each worker process is one [`life::Worker`] record, addressed by its id, whose
+//! transitions are plain functions from (state, input) to (state, effects); a rollout is
+//! the [`rollout::Rollout`] state machine, built the same way. The files beside this one
+//! carry out those effects, one concern each: `lifecycle.rs` (spawning, readiness,
+//! exits, restarts), `rolling.rs` (a rollout's effects and restarts), `reload.rs`
 //! (applying a changed config) and `stop.rs` (lb's own graceful stop).
 
 mod backoff;
 mod command;
+mod drive;
 mod feed;
-mod group;
+mod life;
 mod lifecycle;
 mod messages;
+mod orphans;
 mod probe;
 mod reap;
 mod reload;
 mod report;
-mod retire;
+mod rolling;
 mod rollout;
 mod service;
 mod state;
@@ -29,7 +32,7 @@ mod sys;
 mod watchdog;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,10 +41,12 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::info;
 
-pub use command::{CommandError, Reply};
+pub use command::{Command, CommandError, Inbox, Loaded, Reply};
 pub use reap::ExitStatus;
+pub use rollout::Scope;
 pub use state::WorkerState;
 pub use watchdog::serve as serve_watchdog;
 
@@ -49,110 +54,99 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::snapshot::{BackendId, Snapshot, Snapshots};
-use retire::Retiring;
+use life::{Worker, WorkerId};
 use rollout::Rollout;
 use service::ServiceState;
 use stop::Phase;
 use watchdog::Watchdog;
 
-/// Everything the supervisor reacts to.
+/// Everything the supervisor reacts to; commands come from outside, the rest from its
+/// own tasks and timers.
 #[derive(Debug)]
-pub enum Event {
+enum Event {
+    Command(Command),
     /// A child process ended (reported by the reaper).
-    Exited { pid: Pid, status: ExitStatus },
+    Exited {
+        pid: Pid,
+        status: ExitStatus,
+    },
     /// A probe of a backend finished: it accepts connections, or its deadline passed.
-    Probe { id: BackendId, ok: bool },
+    Probe {
+        id: BackendId,
+        ok: bool,
+    },
     /// A crashed worker's backoff delay has passed.
     RestartDue {
         service: String,
         slot: usize,
         slot_id: u64,
     },
-    /// SIGHUP or `POST /reload`: re-read the config and apply the difference.
-    Reload { reply: Option<Reply> },
-    /// SIGUSR2 or `POST /restart`: re-read the config and replace every worker of one
-    /// service, or of all, one at a time; the reply comes when the rollout ends.
-    Restart {
-        service: Option<String>,
-        reply: Option<Reply>,
-    },
     /// A worker sent a message on its channel; `in_flight` lets it send more once dropped.
     Message {
-        id: BackendId,
+        id: WorkerId,
         value: serde_json::Value,
         in_flight: crate::channel::InFlight,
     },
-    /// `POST /broadcast`: send a message to every worker of one service or all.
-    Broadcast {
-        service: Option<String>,
-        message: crate::channel::Message,
-        reply: Option<Reply>,
-    },
     /// Time to run a service's feed command (`chain` tells stale timers apart).
-    FeedTick { service: String, chain: u64 },
+    FeedTick {
+        service: String,
+        chain: u64,
+    },
     /// A feed run ended and printed these values.
     FeedOutput {
         service: String,
         values: Vec<serde_json::Value>,
         error: Option<String>,
     },
-    /// `GET /status`.
-    Status {
-        reply: tokio::sync::oneshot::Sender<crate::admin::status::Status>,
+    /// A draining worker has no connection left, or its drain deadline passed.
+    Drained {
+        id: WorkerId,
     },
-    /// SIGTERM/SIGINT; a second one, or `fast`, stops at once.
-    Stop { fast: bool },
-    /// lb is stopping: open connections finished, or the drain deadline passed.
-    Drained { timed_out: bool },
-    /// lb is stopping: workers had `stop_timeout` to exit after `stop_signal`.
-    StopDeadline,
-    /// lb is stopping: workers had a grace period to be reaped after SIGKILL.
-    KillGraceOver,
-    /// A retiring worker has no connections left, or its `drain_timeout` passed.
-    RetireDrained { id: BackendId, timed_out: bool },
-    /// A retiring worker had `stop_timeout` to exit after `stop_signal`.
-    RetireDeadline { id: BackendId },
+    /// A worker's stop deadline passed.
+    Deadline {
+        id: WorkerId,
+    },
     /// Time to see which lingering process groups are gone.
     GroupCheck,
+    /// A rollout's replacement has stayed up for its `rollout_watch`.
+    WatchOver {
+        id: WorkerId,
+    },
+    /// lb is stopping: `shutdown_delay` has passed.
+    DelayOver,
+    /// lb is stopping: every listener has accepted what the kernel had queued and closed.
+    ListenersClosed,
+    /// lb is stopping: the longest drain time has passed.
+    DrainDeadline,
+    /// lb is stopping: every proxied connection has ended.
+    ConnectionsDone,
 }
-
-/// The sending half of the supervisor's inbox, for signals and the reaper.
-pub type Inbox = mpsc::UnboundedSender<Event>;
 
 /// Listeners bound before the supervisor starts, by service name.
 pub type BoundListeners = HashMap<String, Vec<(SocketAddr, TcpListener)>>;
-
-/// Where a process or backend id sits in the supervisor's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// The worker in rotation (or starting) in a slot.
-    Current { si: usize, slot: usize },
-    /// A rollout's replacement for a slot, not ready yet.
-    Replacement { si: usize, slot: usize },
-    /// An index into `retiring`.
-    Retiring(usize),
-    /// A static backend of a service.
-    Static { si: usize, index: usize },
-}
 
 pub struct Supervisor {
     config_path: PathBuf,
     /// The admin address lb started with (it does not move on reload).
     admin: Option<SocketAddr>,
+    /// How long lb keeps accepting after SIGTERM, as the config said at start or at the
+    /// last reload.
+    shutdown_delay: Duration,
     services: Vec<ServiceState>,
-    /// Workers out of rotation, draining their connections or stopping.
-    retiring: Vec<Retiring>,
-    /// Process groups of stopped workers whose other processes are still exiting.
-    lingering: Vec<group::Lingering>,
+    /// Every worker process lb runs: in its slot, starting as a replacement, or leaving.
+    workers: BTreeMap<WorkerId, Worker>,
     rollout: Rollout,
     snapshots: Arc<Snapshots>,
     proxy: Proxy,
-    tx: Inbox,
+    tx: mpsc::UnboundedSender<Event>,
+    inbox: Inbox,
     events: mpsc::UnboundedReceiver<Event>,
     /// Backends a connection failed to reach, reported by the proxy.
     down: mpsc::UnboundedReceiver<BackendId>,
-    next_id: BackendId,
+    next_id: u64,
     phase: Phase,
+    /// A `GroupCheck` timer is set.
+    checking_groups: bool,
     watchdog: Watchdog,
     metrics: Metrics,
     feed_runs: feed::FeedRuns,
@@ -174,20 +168,23 @@ impl Supervisor {
         let (tx, events) = mpsc::unbounded_channel();
         reap::start(tx.clone())?;
         let watchdog = Watchdog::start()?;
+        let inbox = Inbox::new(tx.clone(), &config_path);
         let mut sup = Supervisor {
             config_path,
             admin: config.admin,
+            shutdown_delay: config.shutdown_delay,
             services: Vec::new(),
-            retiring: Vec::new(),
-            lingering: Vec::new(),
+            workers: BTreeMap::new(),
             rollout: Rollout::default(),
             snapshots,
             proxy,
-            tx: tx.clone(),
+            tx,
+            inbox: inbox.clone(),
             events,
             down,
             next_id: 0,
             phase: Phase::Running,
+            checking_groups: false,
             watchdog,
             metrics,
             feed_runs: feed::FeedRuns::default(),
@@ -196,7 +193,7 @@ impl Supervisor {
         for svc in &config.services {
             sup.add_service_state(svc.clone());
         }
-        Ok((sup, tx))
+        Ok((sup, inbox))
     }
 
     /// Starts every worker, then accepts on the listeners bound for each service. A
@@ -226,7 +223,7 @@ impl Supervisor {
                 Some(event) = self.events.recv() => {
                     // Only a "ready" among worker messages changes anything.
                     let read_only = match &event {
-                        Event::Status { .. } => true,
+                        Event::Command(Command::Status { .. }) => true,
                         Event::Message { value, .. } => *value != "ready",
                         _ => false,
                     };
@@ -244,11 +241,13 @@ impl Supervisor {
                 else => break,
             }
         }
+        orphans::kill_all(self.watchdog.pid());
         info!("stopped");
     }
 
     fn handle(&mut self, event: Event) {
         match event {
+            Event::Command(command) => self.command(command),
             Event::Exited { pid, status } => self.exited(pid, status),
             Event::Probe { id, ok } => self.probed(id, ok),
             Event::RestartDue {
@@ -256,11 +255,6 @@ impl Supervisor {
                 slot,
                 slot_id,
             } => self.restart_due(&service, slot, slot_id),
-            Event::Reload { reply } => {
-                let result = self.reload();
-                command::answer(reply, result);
-            }
-            Event::Restart { service, reply } => self.restart(service, reply.into_iter().collect()),
             Event::Message {
                 id,
                 value,
@@ -269,70 +263,55 @@ impl Supervisor {
                 self.message(id, value);
                 drop(in_flight);
             }
-            Event::Broadcast {
-                service,
-                message,
-                reply,
-            } => self.broadcast(service, &message, reply),
             Event::FeedTick { service, chain } => self.feed_tick(&service, chain),
             Event::FeedOutput {
                 service,
                 values,
                 error,
             } => self.feed_output(&service, values, error),
-            Event::Status { reply } => {
+            Event::Drained { id } => self.drained(id),
+            Event::Deadline { id } => self.drive(id, life::Input::Deadline),
+            Event::GroupCheck => self.check_groups(),
+            Event::WatchOver { id } => {
+                let effects = self.rollout.watch_over(
+                    id,
+                    Instant::now(),
+                    &rolling::View::new(&self.services, &self.workers),
+                );
+                self.carry_out(effects);
+            }
+            Event::DelayOver => self.delay_over(),
+            Event::ListenersClosed => self.listeners_closed(),
+            Event::DrainDeadline => self.drain_deadline(),
+            Event::ConnectionsDone => self.phase.connections_done(),
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Reload { config, reply } => {
+                let result = self.reload(*config);
+                command::answer(reply, result);
+            }
+            Command::Restart {
+                scope,
+                config,
+                replies,
+            } => self.restart(scope, *config, replies),
+            Command::Broadcast {
+                service,
+                message,
+                reply,
+            } => self.broadcast(service, &message, reply),
+            Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::Stop { fast } => self.stop(fast),
-            Event::Drained { timed_out } => self.drained(timed_out),
-            Event::StopDeadline => self.kill_all(),
-            Event::KillGraceOver => self.phase = Phase::Abandoned,
-            Event::RetireDrained { id, timed_out } => self.retire_drained(id, timed_out),
-            Event::RetireDeadline { id } => self.retire_deadline(id),
-            Event::GroupCheck => self.check_groups(),
+            Command::Stop { fast } => self.stop(fast),
         }
     }
 
     fn service_index(&self, name: &str) -> Option<usize> {
         self.services.iter().position(|s| s.config.name == name)
-    }
-
-    fn place_of_pid(&self, pid: Pid) -> Option<Place> {
-        self.find(|w| w.pid == pid, |_| false)
-    }
-
-    fn place_of_backend(&self, id: BackendId) -> Option<Place> {
-        self.find(|w| w.backend.id == id, |b| b.id == id)
-    }
-
-    fn find(
-        &self,
-        worker: impl Fn(&service::Worker) -> bool,
-        backend: impl Fn(&crate::snapshot::Backend) -> bool,
-    ) -> Option<Place> {
-        for (si, svc) in self.services.iter().enumerate() {
-            for (slot, s) in svc.slots.iter().enumerate() {
-                if s.worker.as_ref().is_some_and(&worker) {
-                    return Some(Place::Current { si, slot });
-                }
-                if s.replacement.as_ref().is_some_and(&worker) {
-                    return Some(Place::Replacement { si, slot });
-                }
-            }
-            if let Some(index) = svc.statics.iter().position(|s| backend(&s.backend)) {
-                return Some(Place::Static { si, index });
-            }
-        }
-        self.retiring
-            .iter()
-            .position(|r| worker(&r.worker))
-            .map(Place::Retiring)
-    }
-
-    /// Every worker process alive: current, replacements and retiring.
-    fn processes(&self) -> impl Iterator<Item = &service::Worker> {
-        let current = self.services.iter().flat_map(ServiceState::processes);
-        current.chain(self.retiring.iter().map(|r| &r.worker))
     }
 
     /// Sends `event` to ourselves after `delay`.
@@ -344,7 +323,12 @@ impl Supervisor {
         });
     }
 
-    fn new_id(&mut self) -> BackendId {
+    /// Sends `event` to ourselves at `at`.
+    fn at(&self, at: Instant, event: Event) {
+        self.after(at.saturating_duration_since(Instant::now()), event);
+    }
+
+    fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
     }
@@ -352,9 +336,12 @@ impl Supervisor {
     /// Builds the snapshot of every service's ready backends and swaps it in, and
     /// updates the gauges that follow worker states.
     fn publish(&mut self) {
-        let mut snapshot = Snapshot::default();
+        let mut snapshot = Snapshot {
+            stopping: self.phase != Phase::Running,
+            ..Snapshot::default()
+        };
         for svc in &self.services {
-            let pool = Arc::new(svc.pool());
+            let pool = Arc::new(svc.pool(&self.workers));
             for addr in &svc.config.listen {
                 snapshot.listeners.insert(*addr, Arc::clone(&pool));
             }

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::Supervisor;
 use super::command::CommandError;
 use super::stop::Phase;
-use crate::config::{self, ServiceChange, ServiceConfig, addresses_clash};
+use crate::config::{self, Config, ConfigErrors, ServiceChange, ServiceConfig, addresses_clash};
 use crate::proxy;
 
 type Bound = Vec<(SocketAddr, TcpListener)>;
@@ -20,11 +20,16 @@ impl Supervisor {
     /// Applies the config file as it is now and says what changed. Changes nothing if
     /// the file is invalid or one of its new addresses cannot be bound; the error then
     /// holds the same lines `lb check` prints.
-    pub(super) fn reload(&mut self) -> Result<String, CommandError> {
+    pub(super) fn reload(
+        &mut self,
+        config: Result<Config, ConfigErrors>,
+    ) -> Result<String, CommandError> {
         if self.phase != Phase::Running {
             return Err(CommandError::Stopping);
         }
-        let result = self.apply_config_file();
+        let result = config
+            .map_err(|errors| CommandError::Invalid(errors.to_string()))
+            .and_then(|config| self.apply(config));
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.reloads_total.with_label_values(&[label]).inc();
         if let Err(err) = &result {
@@ -36,16 +41,15 @@ impl Supervisor {
         result
     }
 
-    fn apply_config_file(&mut self) -> Result<String, CommandError> {
+    fn apply(&mut self, config: Config) -> Result<String, CommandError> {
         let path = self.config_path.display().to_string();
-        let config = config::load(&self.config_path)
-            .map_err(|errors| CommandError::Invalid(errors.to_string()))?;
         if config.admin != self.admin {
             warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
         }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
         let mut bound = self.bind_new(&diff).map_err(CommandError::Invalid)?;
+        self.shutdown_delay = config.shutdown_delay;
         let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
         let unchanged = diff.is_empty();
         for name in &diff.removed {
@@ -91,15 +95,11 @@ impl Supervisor {
             self.metrics.forget_backend(name, &slot.to_string());
         }
         self.metrics.forget_service(name);
-        for (slot, s) in svc.slots.into_iter().enumerate() {
-            if let Some(replacement) = s.replacement {
-                self.discard(name, slot, replacement);
-            }
-            if let Some(worker) = s.worker {
-                self.retire(name, slot, worker, "removed");
-            }
+        let effects = self.rollout.drop_step(name, 0);
+        self.carry_out(effects);
+        for worker in svc.slots.iter().filter_map(|s| s.worker) {
+            self.retire(worker, "removed");
         }
-        self.rollout_forget(name, 0);
         info!(
             service = name,
             "service removed: listeners closed, workers draining"
@@ -169,15 +169,13 @@ impl Supervisor {
                 .worker_restarts_total
                 .with_label_values(&[&name, &slot.to_string(), "scale"])
                 .inc();
-            if let Some(replacement) = s.replacement {
-                self.discard(&name, slot, replacement);
-            }
             if let Some(worker) = s.worker {
-                self.retire(&name, slot, worker, "scale");
+                self.retire(worker, "scale");
             }
             self.metrics.forget_backend(&name, &slot.to_string());
         }
-        self.rollout_forget(&name, count);
+        let effects = self.rollout.drop_step(&name, count);
+        self.carry_out(effects);
     }
 
     fn serve(&mut self, si: usize, listeners: Bound) {

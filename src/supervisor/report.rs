@@ -3,7 +3,8 @@
 
 use std::collections::HashSet;
 
-use super::service::{ServiceState, Worker};
+use super::life::Worker;
+use super::service::ServiceState;
 use super::{Supervisor, WorkerState};
 use crate::admin::status::{BackendStatus, ServiceStatus, Status, WorkerStatus};
 
@@ -27,10 +28,11 @@ impl Supervisor {
     }
 
     fn service_status(&self, svc: &ServiceState) -> ServiceStatus {
+        let name = svc.config.name.as_str();
         let mut workers = Vec::new();
         for (slot, s) in svc.slots.iter().enumerate() {
-            match &s.worker {
-                Some(w) => workers.push(worker_status(slot, w, s.restarts)),
+            match s.worker.and_then(|id| self.workers.get(&id)) {
+                Some(w) => workers.push(worker_status(w, s.restarts)),
                 None => workers.push(WorkerStatus {
                     id: slot,
                     pid: None,
@@ -41,15 +43,14 @@ impl Supervisor {
                     active_connections: 0,
                 }),
             }
-            if let Some(w) = &s.replacement {
-                workers.push(worker_status(slot, w, s.restarts));
-            }
         }
-        let retiring = self
-            .retiring
-            .iter()
-            .filter(|r| r.service == svc.config.name);
-        workers.extend(retiring.map(|r| worker_status(r.slot, &r.worker, 0)));
+        // Replacements starting, and workers leaving, beside the slots they belong to.
+        let others = self.workers.values().filter(|w| {
+            &*w.service == name && svc.slots.get(w.slot).is_none_or(|s| s.worker != Some(w.id))
+        });
+        workers.extend(
+            others.map(|w| worker_status(w, svc.slots.get(w.slot).map_or(0, |s| s.restarts))),
+        );
         ServiceStatus {
             name: svc.config.name.clone(),
             listen: svc.config.listen.iter().map(ToString::to_string).collect(),
@@ -73,15 +74,17 @@ impl Supervisor {
         for svc in &self.services {
             let name = &svc.config.name;
             let mut counts = [0i64; WorkerState::ALL.len()];
+            for s in svc.slots.iter().filter(|s| s.worker.is_none()) {
+                counts[s.idle_state as usize] += 1;
+            }
+            for w in self.workers.values().filter(|w| &*w.service == name) {
+                counts[w.state() as usize] += 1;
+            }
             for (slot, s) in svc.slots.iter().enumerate() {
-                counts[s.state() as usize] += 1;
-                if s.replacement.is_some() {
-                    counts[WorkerState::Starting as usize] += 1;
-                }
                 let up = s
                     .worker
-                    .as_ref()
-                    .is_some_and(|w| w.state == WorkerState::Ready);
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(Worker::in_rotation);
                 let slot = slot.to_string();
                 self.metrics
                     .backend_up
@@ -97,8 +100,6 @@ impl Supervisor {
                     .set(i64::from(s.up));
                 exported.backends.insert((name.clone(), label));
             }
-            counts[WorkerState::Draining as usize] +=
-                self.retiring.iter().filter(|r| &r.service == name).count() as i64;
             for state in WorkerState::ALL {
                 self.metrics
                     .workers
@@ -125,12 +126,12 @@ impl Supervisor {
     }
 }
 
-fn worker_status(slot: usize, w: &Worker, restarts: u32) -> WorkerStatus {
+fn worker_status(w: &Worker, restarts: u32) -> WorkerStatus {
     WorkerStatus {
-        id: slot,
+        id: w.slot,
         pid: Some(w.pid.as_raw()),
         port: Some(w.backend.addr.port()),
-        state: w.state.to_string(),
+        state: w.state().to_string(),
         uptime_seconds: Some(w.started.elapsed().as_secs_f64()),
         restarts,
         active_connections: w.backend.stats.active(),

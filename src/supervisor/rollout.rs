@@ -1,406 +1,695 @@
-//! Rolling replacement, one slot at a time: start the replacement on a new port with the
-//! service's current settings, wait until it is ready, swap it into rotation in place of
-//! the old worker, let the old one drain and stop, and only then the next slot. A
-//! replacement that fails halts the rollout; the slots not yet replaced keep their
-//! workers and their settings.
+//! Rolling replacement as a state machine: start a replacement for one slot, and once
+//! it is ready swap it into rotation in place of the old worker (which drains in the
+//! background with its own deadline) and go on to the next slot at once. Each
+//! replacement is watched for `rollout_watch` after it became ready; one that fails to
+//! start, is not ready in time, or exits while watched halts the rollout, and the slots
+//! not yet replaced keep their workers and their settings.
+//!
+//! [`Rollout`] only decides: each method takes what happened and returns [`Effect`]s
+//! for the supervisor to carry out (spawn, swap, discard, answer). What it needs to know
+//! of the slots comes through [`Slots`], so every interleaving is tested without a
+//! process.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{error, info, warn};
 
-use super::backoff::HEALTHY_UPTIME;
-use super::command::{CommandError, Reply, answer};
-use super::stop::Phase;
-use super::{ExitStatus, Supervisor, WorkerState};
-use crate::snapshot::BackendId;
+use super::command::{CommandError, Reply};
+use super::life::WorkerId;
+
+/// Which workers a restart replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Service(String),
+    Worker { service: String, slot: usize },
+}
+
+impl Scope {
+    /// The smallest scope covering both.
+    fn union(self, other: Scope) -> Scope {
+        match (self, other) {
+            (a, b) if a == b => a,
+            (Scope::Service(a) | Scope::Worker { service: a, .. }, other)
+                if other.service() == Some(a.as_str()) =>
+            {
+                Scope::Service(a)
+            }
+            _ => Scope::All,
+        }
+    }
+
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Scope::All => None,
+            Scope::Service(s) | Scope::Worker { service: s, .. } => Some(s),
+        }
+    }
+}
+
+/// One slot to replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Target {
+    pub service: String,
+    pub slot: usize,
+    pub why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Why {
+    /// A restart replaces the worker, whatever it runs.
+    Restart,
+    /// The worker runs other settings than its service's (after a reload); skipped if it
+    /// no longer does by its turn (the change was reverted).
+    Stale,
+}
+
+/// What the rollout needs to know of the slots.
+pub(super) trait Slots {
+    /// Whether `target` is still to be replaced now: its slot exists, and for a stale
+    /// target its worker still runs other settings than its service's.
+    fn wanted(&self, target: &Target) -> bool;
+}
+
+/// What the supervisor does for the rollout.
+#[derive(Debug)]
+pub(super) enum Effect {
+    /// Start a replacement for the slot with its service's current settings, then call
+    /// [`Rollout::spawned`] or [`Rollout::spawn_failed`].
+    Spawn { service: String, slot: usize },
+    /// The replacement is ready: it takes its slot, and the old worker retires, in one
+    /// snapshot swap.
+    Swap { worker: WorkerId },
+    /// Stop a replacement that will not take its slot.
+    Discard { worker: WorkerId },
+    /// The slot may have lost its worker while it was being replaced: restart it like a
+    /// crashed one if it has none.
+    Refill { service: String, slot: usize },
+    /// Call [`Rollout::watch_over`] for this worker at `at`.
+    WatchUntil { worker: WorkerId, at: Instant },
+    /// The rollout began with this many slots queued.
+    Began { queued: usize },
+    /// The rollout ended well.
+    Finished { replaced: usize, took: Duration },
+    /// The rollout stopped on a failure.
+    Halted { reason: String, remaining: usize },
+    Answer {
+        waiters: Vec<Reply>,
+        result: Result<String, CommandError>,
+    },
+    /// Run a restart that was requested during the rollout that just ended.
+    Restart { scope: Scope, waiters: Vec<Reply> },
+}
 
 #[derive(Debug, Default)]
 pub(super) struct Rollout {
-    /// Slots still to replace, by service name (indexes shift when services change).
-    queue: VecDeque<Queued>,
+    queue: VecDeque<Target>,
+    /// The slot whose replacement is starting; its worker is None until spawned.
     step: Option<Step>,
-    /// Requests answered when this rollout finishes or halts.
+    /// Replacements in rotation still within their `rollout_watch`.
+    watched: Vec<WorkerId>,
+    /// Requests answered when this rollout ends.
     waiters: Vec<Reply>,
-    /// Restarts requested during this rollout, coalesced into one that runs after it.
-    pending: Option<Pending>,
+    /// A restart requested during this rollout, run after it ends, even if it halts
+    /// (the next one may carry the fix).
+    pending: Option<(Scope, Vec<Reply>)>,
     started: Option<Instant>,
     replaced: usize,
 }
 
-#[derive(Debug)]
-struct Queued {
-    service: String,
-    slot: usize,
-    why: Why,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Why {
-    /// A restart replaces every worker, whatever it runs.
-    Restart,
-    /// The worker runs other settings than its service's; skipped if it no longer
-    /// does by its turn (the change was reverted).
-    Stale,
-}
-
-/// The slot being replaced now.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Step {
     service: String,
     slot: usize,
-    /// Set once the replacement is in rotation and the old worker retires.
-    old: Option<BackendId>,
-}
-
-/// A restart waiting for the current rollout to end; `scope` None means every service.
-#[derive(Debug)]
-struct Pending {
-    scope: Option<String>,
-    waiters: Vec<Reply>,
+    worker: Option<WorkerId>,
 }
 
 impl Rollout {
-    fn active(&self) -> bool {
-        self.step.is_some() || !self.queue.is_empty()
+    pub(super) fn active(&self) -> bool {
+        self.step.is_some() || !self.queue.is_empty() || !self.watched.is_empty()
     }
 
-    /// Whether this step's replacement for `slot` is still starting.
-    fn starting_replacement(&self, service: &str, slot: usize) -> bool {
+    /// The slot whose replacement this worker is, while it is starting.
+    pub(super) fn replacing(&self, worker: WorkerId) -> Option<(&str, usize)> {
         self.step
             .as_ref()
-            .is_some_and(|s| s.service == service && s.slot == slot && s.old.is_none())
-    }
-}
-
-impl Supervisor {
-    /// SIGUSR2 and `POST /restart`: re-read the config, then replace every worker of
-    /// `scope` (one service, or all). During a rollout the request is coalesced: one
-    /// more rollout runs after the current one ends, even if that one halts (the next
-    /// may carry the fix). `waiters` are answered when their rollout ends.
-    pub(super) fn restart(&mut self, scope: Option<String>, waiters: Vec<Reply>) {
-        let fail = |waiters: Vec<Reply>, err: CommandError| {
-            for w in waiters {
-                answer(Some(w), Err(err.clone()));
-            }
-        };
-        if self.phase != Phase::Running {
-            return fail(waiters, CommandError::Stopping);
-        }
-        if self.rollout.active() {
-            let pending = self.rollout.pending.get_or_insert(Pending {
-                scope: scope.clone(),
-                waiters: Vec::new(),
-            });
-            if pending.scope != scope {
-                pending.scope = None;
-            }
-            pending.waiters.extend(waiters);
-            info!("rollout in progress; one more rollout will follow it");
-            return;
-        }
-        // A mistyped service name must change nothing, the config included.
-        if let Some(name) = scope.as_deref() {
-            let named = crate::config::load(&self.config_path)
-                .map(|config| config.services.iter().any(|s| s.name == name));
-            if named == Ok(false) {
-                return fail(
-                    waiters,
-                    CommandError::NotFound(format!("no service named {name:?}")),
-                );
-            }
-        }
-        if let Err(err) = self.reload() {
-            return fail(waiters, err);
-        }
-        let in_scope = |name: &str| scope.as_deref().is_none_or(|s| s == name);
-        let slots: Vec<(String, usize)> = self
-            .services
-            .iter()
-            .filter(|s| in_scope(&s.config.name))
-            .flat_map(|s| (0..s.slots.len()).map(|slot| (s.config.name.clone(), slot)))
-            .collect();
-        self.rollout.waiters.extend(waiters);
-        self.queue_rollout(slots, Why::Restart);
-        self.resume_rollout();
+            .filter(|s| s.worker == Some(worker))
+            .map(|s| (s.service.as_str(), s.slot))
     }
 
-    /// Queues every slot whose worker runs other settings than its service's (after a
-    /// reload, or a halted rollout), and gives idle slots the new settings directly. A
-    /// replacement still starting with settings that are no longer wanted (the config
-    /// changed again, or back) is discarded rather than let into the slot.
-    pub(super) fn converge(&mut self) {
-        let outdated: Vec<(usize, usize)> = self
-            .services
-            .iter()
-            .enumerate()
-            .flat_map(|(si, svc)| {
-                let target = svc.config.workers.as_ref();
-                svc.slots.iter().enumerate().filter_map(move |(slot, s)| {
-                    let r = s.replacement.as_ref()?;
-                    (!target.is_some_and(|t| r.config.same_process(t))).then_some((si, slot))
-                })
-            })
-            .collect();
-        // A slot whose worker died while being replaced is left empty by the discard:
-        // it restarts as after a crash, with the new settings.
-        let emptied: Vec<(usize, usize)> = outdated
-            .into_iter()
-            .filter(|&(si, slot)| self.discard_replacement(si, slot))
-            .collect();
-        let mut stale = Vec::new();
-        for svc in &mut self.services {
-            let Some(target) = &svc.config.workers else {
-                continue;
-            };
-            for (slot, s) in svc.slots.iter_mut().enumerate() {
-                if s.replacement.is_some() || s.config.same_process(target) {
-                    continue;
-                }
-                if s.worker.is_none() {
-                    s.set_config(Arc::new(target.clone()));
-                } else {
-                    stale.push((svc.config.name.clone(), slot));
-                }
-            }
-        }
-        for (si, slot) in emptied {
-            self.refill(si, slot);
-        }
-        self.queue_rollout(stale, Why::Stale);
+    /// Whether a replacement for this slot is starting.
+    pub(super) fn starting_for(&self, service: &str, slot: usize) -> bool {
+        self.step
+            .as_ref()
+            .is_some_and(|s| s.service == service && s.slot == slot)
     }
 
-    /// Kills the replacement starting in `slot`; the rollout goes on with its next slot.
-    /// True if that leaves the slot without a worker.
-    fn discard_replacement(&mut self, si: usize, slot: usize) -> bool {
-        let service = self.services[si].config.name.clone();
-        if let Some(worker) = self.services[si].slots[slot].replacement.take() {
-            info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement outdated by a reload; discarding it");
-            self.discard(&service, slot, worker);
-        }
-        if self.rollout.starting_replacement(&service, slot) {
-            self.rollout.step = None;
-        }
-        self.services[si].slots[slot].worker.is_none()
+    /// The replacement starting now, if any.
+    pub(super) fn starting(&self) -> Option<WorkerId> {
+        self.step.as_ref().and_then(|s| s.worker)
     }
 
-    /// Queues slots for replacement; [`Self::resume_rollout`] starts them. A slot whose
-    /// replacement is starting now already gets the newest settings (a reload discards
-    /// one that does not), so it is not queued again.
-    fn queue_rollout(&mut self, slots: Vec<(String, usize)>, why: Why) {
-        for (service, slot) in slots {
-            if self.rollout.starting_replacement(&service, slot) {
-                continue;
-            }
+    /// A restart asked for during this rollout: it runs once this one ends.
+    pub(super) fn coalesce(&mut self, scope: Scope, waiters: Vec<Reply>) {
+        let (old, mut all) = self.pending.take().unwrap_or((scope.clone(), Vec::new()));
+        all.extend(waiters);
+        self.pending = Some((old.union(scope), all));
+    }
+
+    /// Starts a rollout of `targets`; `waiters` are answered when it ends.
+    pub(super) fn begin(
+        &mut self,
+        targets: Vec<Target>,
+        waiters: Vec<Reply>,
+        now: Instant,
+        slots: &impl Slots,
+    ) -> Vec<Effect> {
+        self.waiters.extend(waiters);
+        let mut effects = self.queue(targets, now);
+        effects.extend(self.advance(now, slots));
+        effects
+    }
+
+    /// Queues slots (a restart's, or the stale ones after a reload). A slot already
+    /// queued stays in its place; one whose replacement starts now already gets the
+    /// newest settings (a reload discards one that does not).
+    pub(super) fn queue(&mut self, targets: Vec<Target>, now: Instant) -> Vec<Effect> {
+        for target in targets {
+            let starting = self
+                .step
+                .as_ref()
+                .is_some_and(|s| s.service == target.service && s.slot == target.slot);
             let queued = self
-                .rollout
                 .queue
                 .iter_mut()
-                .find(|q| q.service == service && q.slot == slot);
+                .find(|q| q.service == target.service && q.slot == target.slot);
             match queued {
-                Some(q) if why == Why::Restart => q.why = why,
+                Some(q) if target.why == Why::Restart => q.why = Why::Restart,
                 Some(_) => {}
-                None => self.rollout.queue.push_back(Queued { service, slot, why }),
+                None if starting => {}
+                None => self.queue.push_back(target),
             }
         }
-        if self.rollout.started.is_none() && self.rollout.active() {
-            self.rollout.started = Some(Instant::now());
-            info!(workers = self.rollout.queue.len(), "rollout started");
+        if self.started.is_none() && self.active() {
+            self.started = Some(now);
+            return vec![Effect::Began {
+                queued: self.queue.len(),
+            }];
         }
+        Vec::new()
     }
 
-    /// Starts the next replacement unless one is under way.
-    pub(super) fn resume_rollout(&mut self) {
-        if self.rollout.step.is_none() {
-            self.advance();
+    /// Starts the next wanted slot's replacement unless one is starting; ends the
+    /// rollout once nothing is queued, starting or watched.
+    pub(super) fn advance(&mut self, now: Instant, slots: &impl Slots) -> Vec<Effect> {
+        if self.step.is_some() {
+            return Vec::new();
         }
-    }
-
-    /// Starts the replacement for the next queued slot, or ends the rollout.
-    fn advance(&mut self) {
-        while let Some(Queued { service, slot, why }) = self.rollout.queue.pop_front() {
-            let Some(si) = self.service_index(&service) else {
-                continue;
-            };
-            let Some(cfg) = self.services[si].config.workers.clone() else {
-                continue;
-            };
-            let Some(s) = self.services[si].slots.get(slot) else {
-                continue;
-            };
-            if why == Why::Stale && s.worker.is_some() && s.config.same_process(&cfg) {
+        while let Some(target) = self.queue.pop_front() {
+            if !slots.wanted(&target) {
                 continue;
             }
-            match self.spawn_worker(si, slot, Arc::new(cfg)) {
-                Ok(worker) => {
-                    info!(%service, worker = slot, pid = %worker.pid, "rollout: replacement started");
-                    self.services[si].slots[slot].replacement = Some(worker);
-                    self.rollout.step = Some(Step {
-                        service,
-                        slot,
-                        old: None,
-                    });
-                }
-                Err(err) => self.halt(format!(
-                    "could not start a replacement for {service}/{slot}: {err}"
-                )),
-            }
-            return;
+            self.step = Some(Step {
+                service: target.service.clone(),
+                slot: target.slot,
+                worker: None,
+            });
+            return vec![Effect::Spawn {
+                service: target.service,
+                slot: target.slot,
+            }];
         }
-        self.finish();
+        if self.watched.is_empty() {
+            return self.finish(now);
+        }
+        Vec::new()
     }
 
-    fn finish(&mut self) {
-        let replaced = std::mem::take(&mut self.rollout.replaced);
-        if let Some(started) = self.rollout.started.take() {
-            info!(replaced, took = ?started.elapsed(), "rollout finished");
-            self.metrics
-                .rollouts_total
-                .with_label_values(&["finished"])
-                .inc();
-        }
-        let message = format!("rollout finished: {replaced} workers replaced");
-        for w in std::mem::take(&mut self.rollout.waiters) {
-            answer(Some(w), Ok(message.clone()));
-        }
-        if let Some(next) = self.rollout.pending.take() {
-            self.restart(next.scope, next.waiters);
+    /// The replacement of the current step was started.
+    pub(super) fn spawned(&mut self, worker: WorkerId) {
+        if let Some(step) = &mut self.step {
+            step.worker = Some(worker);
         }
     }
 
-    /// The replacement accepts connections: it takes the slot in the same snapshot swap
-    /// that takes the old worker out of rotation.
-    pub(super) fn replacement_ready(&mut self, si: usize, slot: usize) {
-        let svc = &mut self.services[si];
-        let name = svc.config.name.clone();
-        let s = &mut svc.slots[slot];
-        let mut new = s
-            .replacement
-            .take()
-            .expect("place_of_backend found a replacement");
-        new.state = WorkerState::Ready;
-        new.ready_once = true;
-        new.backend.stats.mark_up();
-        info!(service = %name, worker = slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
-        s.set_config(Arc::clone(&new.config));
-        let old = s.worker.replace(new);
-        // A worker that served long enough ends the slot's crash streak, even when it
-        // leaves by a rollout rather than by exiting.
-        if old
-            .as_ref()
-            .is_some_and(|w| w.started.elapsed() >= HEALTHY_UPTIME)
-        {
-            s.backoff.reset();
-        }
-        self.metrics
-            .worker_restarts_total
-            .with_label_values(&[&name, &slot.to_string(), "rollout"])
-            .inc();
-        self.rollout.replaced += 1;
-        match old {
-            Some(old) => {
-                if let Some(step) = &mut self.rollout.step {
-                    step.old = Some(old.backend.id);
-                }
-                self.retire(&name, slot, old, "rollout");
-            }
-            None => {
-                self.rollout.step = None;
-                self.advance();
-            }
-        }
+    /// The replacement of the current step could not be started.
+    pub(super) fn spawn_failed(&mut self, reason: String) -> Vec<Effect> {
+        let Some(step) = self.step.take() else {
+            return Vec::new();
+        };
+        let mut effects = vec![Effect::Refill {
+            service: step.service,
+            slot: step.slot,
+        }];
+        effects.extend(self.halt(reason));
+        effects
     }
 
-    pub(super) fn replacement_failed(&mut self, si: usize, slot: usize, reason: String) {
-        if let Some(worker) = self.services[si].slots[slot].replacement.take() {
-            let name = self.services[si].config.name.clone();
-            self.discard(&name, slot, worker);
+    /// A worker became ready: if it is this step's replacement, it takes its slot, is
+    /// watched for `watch`, and the next slot starts.
+    pub(super) fn ready(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+        watch: Duration,
+        slots: &impl Slots,
+    ) -> Vec<Effect> {
+        if self.replacing(worker).is_none() {
+            return Vec::new();
         }
-        self.refill(si, slot);
-        self.halt(reason);
-    }
-
-    pub(super) fn replacement_exited(&mut self, si: usize, slot: usize, status: ExitStatus) {
-        let worker = self.services[si].slots[slot]
-            .replacement
-            .take()
-            .expect("place_of_pid found a replacement");
-        self.reaped(&worker, self.phase == Phase::StoppingWorkers, false);
-        let name = &self.services[si].config.name;
-        let reason = format!("replacement for {name}/{slot} exited ({status}) before it was ready");
-        self.refill(si, slot);
-        self.halt(reason);
-    }
-
-    /// A slot whose old worker died while its replacement failed restarts as after a
-    /// crash, with backoff and its own settings.
-    fn refill(&mut self, si: usize, slot: usize) {
-        if self.services[si].slots[slot].worker.is_none() && self.phase == Phase::Running {
-            let delay = self.restart_later(si, slot, std::time::Duration::ZERO);
-            let service = &self.services[si].config.name;
-            warn!(%service, worker = slot, restart_in = ?delay, "slot left without a worker; restarting it");
+        self.step = None;
+        self.replaced += 1;
+        let mut effects = vec![Effect::Swap { worker }];
+        if !watch.is_zero() {
+            self.watched.push(worker);
+            effects.push(Effect::WatchUntil {
+                worker,
+                at: now + watch,
+            });
         }
+        effects.extend(self.advance(now, slots));
+        effects
     }
 
-    /// A retiring worker is gone; if it was the one this step replaced, go on.
-    pub(super) fn rollout_retired(&mut self, id: BackendId) {
-        if self
-            .rollout
+    /// This step's replacement was not ready within its `ready_timeout`.
+    pub(super) fn not_ready(&mut self, worker: WorkerId, reason: String) -> Vec<Effect> {
+        let Some(step) = self.step.take_if(|s| s.worker == Some(worker)) else {
+            return Vec::new();
+        };
+        let mut effects = vec![
+            Effect::Discard { worker },
+            Effect::Refill {
+                service: step.service,
+                slot: step.slot,
+            },
+        ];
+        effects.extend(self.halt(reason));
+        effects
+    }
+
+    /// A worker exited unasked: this step's replacement before it was ready, or a
+    /// replacement within its watch; either halts the rollout.
+    pub(super) fn exited(&mut self, worker: WorkerId, reason: String) -> Vec<Effect> {
+        if let Some(step) = self.step.take_if(|s| s.worker == Some(worker)) {
+            let mut effects = vec![Effect::Refill {
+                service: step.service,
+                slot: step.slot,
+            }];
+            effects.extend(self.halt(reason));
+            return effects;
+        }
+        if self.watched.contains(&worker) {
+            // It is its slot's worker now: the slot restarts it like any crashed one.
+            return self.halt(reason);
+        }
+        Vec::new()
+    }
+
+    /// A replacement stayed up for its whole `rollout_watch`.
+    pub(super) fn watch_over(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+        slots: &impl Slots,
+    ) -> Vec<Effect> {
+        let before = self.watched.len();
+        self.watched.retain(|w| *w != worker);
+        if self.watched.len() == before {
+            return Vec::new();
+        }
+        self.advance(now, slots)
+    }
+
+    /// Gives up this step's replacement if it is for `service` at `from_slot` or above:
+    /// scaled down, removed, or started with settings a reload no longer wants. The
+    /// caller resumes the rollout once its change is applied.
+    pub(super) fn drop_step(&mut self, service: &str, from_slot: usize) -> Vec<Effect> {
+        let Some(step) = self
             .step
-            .as_ref()
-            .is_some_and(|s| s.old == Some(id))
-        {
-            self.rollout.step = None;
-            self.advance();
-        }
-    }
-
-    /// The current step's slot or service is gone (reload): drop the step. The reload
-    /// resumes the rollout once every change is applied.
-    pub(super) fn rollout_forget(&mut self, service: &str, from_slot: usize) {
-        let gone = self
-            .rollout
-            .step
-            .as_ref()
-            .is_some_and(|s| s.service == service && s.slot >= from_slot && s.old.is_none());
-        if gone {
-            self.rollout.step = None;
-        }
-    }
-
-    /// Stops the rollout and fails its waiters; a restart requested meanwhile still runs.
-    /// While lb stops, the rollout is already abandoned and a replacement that dies
-    /// with the rest is no failure.
-    fn halt(&mut self, reason: String) {
-        if self.phase != Phase::Running {
-            return;
-        }
-        let remaining = self.rollout.queue.len();
-        error!(%reason, remaining, "rollout halted; the workers not yet replaced keep serving");
-        self.metrics
-            .rollouts_total
-            .with_label_values(&["halted"])
-            .inc();
-        let rollout = std::mem::take(&mut self.rollout);
-        let err = CommandError::Failed(format!("rollout halted: {reason}"));
-        for w in rollout.waiters {
-            answer(Some(w), Err(err.clone()));
-        }
-        if let Some(next) = rollout.pending {
-            self.restart(next.scope, next.waiters);
-        }
+            .take_if(|s| s.service == service && s.slot >= from_slot)
+        else {
+            return Vec::new();
+        };
+        let mut effects: Vec<Effect> = step
+            .worker
+            .map(|worker| Effect::Discard { worker })
+            .into_iter()
+            .collect();
+        effects.push(Effect::Refill {
+            service: step.service,
+            slot: step.slot,
+        });
+        effects
     }
 
     /// lb is stopping: no more replacements; everyone waiting is told so.
-    pub(super) fn rollout_abort(&mut self) {
-        if self.rollout.active() {
-            warn!("rollout abandoned: lb is stopping");
+    pub(super) fn abort(&mut self) -> Vec<Effect> {
+        let rollout = std::mem::take(self);
+        let pending = rollout.pending.into_iter().flat_map(|(_, w)| w);
+        let waiters: Vec<Reply> = rollout.waiters.into_iter().chain(pending).collect();
+        let mut effects: Vec<Effect> = rollout
+            .step
+            .and_then(|s| s.worker)
+            .map(|worker| Effect::Discard { worker })
+            .into_iter()
+            .collect();
+        if !waiters.is_empty() {
+            effects.push(Effect::Answer {
+                waiters,
+                result: Err(CommandError::Stopping),
+            });
         }
-        let rollout = std::mem::take(&mut self.rollout);
-        let pending = rollout.pending.into_iter().flat_map(|p| p.waiters);
-        for w in rollout.waiters.into_iter().chain(pending) {
-            answer(Some(w), Err(CommandError::Stopping));
+        effects
+    }
+
+    fn halt(&mut self, reason: String) -> Vec<Effect> {
+        let rollout = std::mem::take(self);
+        let mut effects = vec![
+            Effect::Halted {
+                reason: reason.clone(),
+                remaining: rollout.queue.len(),
+            },
+            Effect::Answer {
+                waiters: rollout.waiters,
+                result: Err(CommandError::Failed(format!("rollout halted: {reason}"))),
+            },
+        ];
+        if let Some((scope, waiters)) = rollout.pending {
+            effects.push(Effect::Restart { scope, waiters });
         }
+        effects
+    }
+
+    fn finish(&mut self, now: Instant) -> Vec<Effect> {
+        let rollout = std::mem::take(self);
+        let mut effects = Vec::new();
+        if let Some(started) = rollout.started {
+            effects.push(Effect::Finished {
+                replaced: rollout.replaced,
+                took: now - started,
+            });
+        }
+        if !rollout.waiters.is_empty() {
+            effects.push(Effect::Answer {
+                waiters: rollout.waiters,
+                result: Ok(format!(
+                    "rollout finished: {} workers replaced",
+                    rollout.replaced
+                )),
+            });
+        }
+        if let Some((scope, waiters)) = rollout.pending {
+            effects.push(Effect::Restart { scope, waiters });
+        }
+        effects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// Slots that exist, and the ones whose worker runs outdated settings.
+    #[derive(Default)]
+    struct World {
+        slots: HashSet<(String, usize)>,
+        stale: HashSet<(String, usize)>,
+    }
+
+    impl World {
+        fn new(service: &str, count: usize) -> Self {
+            let slots = (0..count).map(|i| (service.to_owned(), i)).collect();
+            World {
+                slots,
+                stale: HashSet::new(),
+            }
+        }
+    }
+
+    impl Slots for World {
+        fn wanted(&self, t: &Target) -> bool {
+            let key = (t.service.clone(), t.slot);
+            self.slots.contains(&key) && (t.why == Why::Restart || self.stale.contains(&key))
+        }
+    }
+
+    fn restart(service: &str, slots: std::ops::Range<usize>) -> Vec<Target> {
+        slots
+            .map(|slot| Target {
+                service: service.to_owned(),
+                slot,
+                why: Why::Restart,
+            })
+            .collect()
+    }
+
+    fn stale(service: &str, slot: usize) -> Target {
+        Target {
+            service: service.to_owned(),
+            slot,
+            why: Why::Stale,
+        }
+    }
+
+    /// What a list of effects says, in short: `spawn web/0`, `swap 7`, …
+    fn say(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .map(|e| match e {
+                Effect::Spawn { service, slot } => format!("spawn {service}/{slot}"),
+                Effect::Swap { worker } => format!("swap {worker}"),
+                Effect::Discard { worker } => format!("discard {worker}"),
+                Effect::Refill { service, slot } => format!("refill {service}/{slot}"),
+                Effect::WatchUntil { worker, .. } => format!("watch {worker}"),
+                Effect::Began { queued } => format!("began {queued}"),
+                Effect::Finished { replaced, .. } => format!("finished {replaced}"),
+                Effect::Halted { remaining, .. } => format!("halted {remaining}"),
+                Effect::Answer { waiters, result } => {
+                    format!("answer {} {}", waiters.len(), result.is_ok())
+                }
+                Effect::Restart { scope, waiters } => {
+                    format!("restart {scope:?} {}", waiters.len())
+                }
+            })
+            .collect()
+    }
+
+    fn waiter() -> (
+        Reply,
+        tokio::sync::oneshot::Receiver<Result<String, CommandError>>,
+    ) {
+        tokio::sync::oneshot::channel()
+    }
+
+    const WATCH: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_next_slot_starts_as_soon_as_the_previous_replacement_is_ready() {
+        let world = World::new("web", 2);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        let (tx, _rx) = waiter();
+        let effects = r.begin(restart("web", 0..2), vec![tx], now, &world);
+        assert_eq!(say(&effects), ["began 2", "spawn web/0"]);
+        r.spawned(10);
+        let effects = r.ready(10, now, WATCH, &world);
+        assert_eq!(say(&effects), ["swap 10", "watch 10", "spawn web/1"]);
+        r.spawned(11);
+        let effects = r.ready(11, now, WATCH, &world);
+        assert_eq!(say(&effects), ["swap 11", "watch 11"]);
+        // Finished only once every replacement has stayed up for its watch.
+        assert!(say(&r.watch_over(10, now, &world)).is_empty());
+        let effects = r.watch_over(11, now + WATCH, &world);
+        assert_eq!(say(&effects), ["finished 2", "answer 1 true"]);
+        assert!(!r.active());
+    }
+
+    #[test]
+    fn a_replacement_that_exits_within_its_watch_halts_the_rollout() {
+        let world = World::new("web", 3);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        let (tx, _rx) = waiter();
+        r.begin(restart("web", 0..3), vec![tx], now, &world);
+        r.spawned(10);
+        r.ready(10, now, WATCH, &world);
+        r.spawned(11);
+        let effects = r.exited(10, "exited".into());
+        assert_eq!(say(&effects), ["halted 1", "answer 1 false"]);
+        assert!(!r.active());
+        // The replacement that was starting is no longer the rollout's.
+        assert_eq!(r.replacing(11), None);
+    }
+
+    #[test]
+    fn a_replacement_not_ready_in_time_is_discarded_and_its_slot_refilled() {
+        let world = World::new("web", 2);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..2), Vec::new(), now, &world);
+        r.spawned(10);
+        let effects = r.not_ready(10, "late".into());
+        assert_eq!(
+            say(&effects),
+            ["discard 10", "refill web/0", "halted 1", "answer 0 false"]
+        );
+        // A late report for it changes nothing.
+        assert!(r.ready(10, now, WATCH, &world).is_empty());
+    }
+
+    #[test]
+    fn a_replacement_that_exits_before_it_is_ready_refills_its_slot() {
+        let world = World::new("web", 1);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..1), Vec::new(), now, &world);
+        r.spawned(10);
+        let effects = r.exited(10, "crashed".into());
+        assert_eq!(
+            say(&effects),
+            ["refill web/0", "halted 0", "answer 0 false"]
+        );
+    }
+
+    #[test]
+    fn restarts_during_a_rollout_coalesce_into_one_that_runs_after_it() {
+        let world = World::new("web", 1);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..1), Vec::new(), now, &world);
+        r.spawned(10);
+        let (a, _ra) = waiter();
+        let (b, _rb) = waiter();
+        r.coalesce(
+            Scope::Worker {
+                service: "web".into(),
+                slot: 0,
+            },
+            vec![a],
+        );
+        r.coalesce(Scope::Service("web".into()), vec![b]);
+        let effects = r.ready(10, now, Duration::ZERO, &world);
+        assert_eq!(
+            say(&effects),
+            ["swap 10", "finished 1", "restart Service(\"web\") 2"]
+        );
+    }
+
+    #[test]
+    fn a_coalesced_restart_runs_even_after_a_halt() {
+        let world = World::new("web", 1);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..1), Vec::new(), now, &world);
+        r.spawned(10);
+        r.coalesce(Scope::Service("api".into()), Vec::new());
+        r.coalesce(Scope::Service("web".into()), Vec::new());
+        let effects = r.not_ready(10, "late".into());
+        assert_eq!(say(&effects).last().unwrap(), "restart All 0");
+    }
+
+    #[test]
+    fn a_reverted_change_skips_its_stale_slots() {
+        let mut world = World::new("web", 2);
+        world.stale.insert(("web".into(), 0));
+        world.stale.insert(("web".into(), 1));
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.queue(vec![stale("web", 0), stale("web", 1)], now);
+        assert_eq!(say(&r.advance(now, &world)), ["spawn web/0"]);
+        r.spawned(10);
+        // The change is reverted: slot 1 runs its service's settings again.
+        world.stale.clear();
+        let effects = r.ready(10, now, Duration::ZERO, &world);
+        assert_eq!(say(&effects), ["swap 10", "finished 1"]);
+    }
+
+    #[test]
+    fn a_reload_during_a_rollout_drops_the_step_of_a_removed_slot_and_goes_on() {
+        let mut world = World::new("web", 3);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..3), Vec::new(), now, &world);
+        r.spawned(10);
+        r.ready(10, now, Duration::ZERO, &world);
+        r.spawned(11);
+        // Scaled down to one worker: slot 1's replacement and slot 2 are gone.
+        world.slots.remove(&("web".into(), 1));
+        world.slots.remove(&("web".into(), 2));
+        assert_eq!(say(&r.drop_step("web", 1)), ["discard 11", "refill web/1"]);
+        // A stale slot queued by the same reload is taken next.
+        world.stale.insert(("web".into(), 0));
+        r.queue(vec![stale("web", 0)], now);
+        assert_eq!(say(&r.advance(now, &world)), ["spawn web/0"]);
+    }
+
+    #[test]
+    fn a_restart_upgrades_a_queued_stale_slot_and_a_starting_slot_is_not_queued_twice() {
+        let mut world = World::new("web", 2);
+        world.stale.insert(("web".into(), 0));
+        world.stale.insert(("web".into(), 1));
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.queue(vec![stale("web", 0), stale("web", 1)], now);
+        r.advance(now, &world);
+        r.spawned(10);
+        r.queue(restart("web", 0..2), now);
+        // Slot 0 is starting now; slot 1 is a restart now, so it is replaced even
+        // once its settings are current again.
+        world.stale.clear();
+        r.ready(10, now, Duration::ZERO, &world);
+        assert_eq!(r.step.as_ref().map(|s| s.slot), Some(1));
+        r.spawned(11);
+        assert_eq!(
+            say(&r.ready(11, now, Duration::ZERO, &world)),
+            ["swap 11", "finished 2"]
+        );
+    }
+
+    #[test]
+    fn stopping_discards_the_starting_replacement_and_answers_everyone() {
+        let world = World::new("web", 2);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        let (a, _ra) = waiter();
+        let (b, _rb) = waiter();
+        r.begin(restart("web", 0..2), vec![a], now, &world);
+        r.spawned(10);
+        r.coalesce(Scope::All, vec![b]);
+        assert_eq!(say(&r.abort()), ["discard 10", "answer 2 false"]);
+        assert!(!r.active());
+    }
+
+    #[test]
+    fn a_slot_that_fails_to_spawn_halts_and_is_refilled() {
+        let world = World::new("web", 2);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..2), Vec::new(), now, &world);
+        assert_eq!(
+            say(&r.spawn_failed("no such file".into())),
+            ["refill web/0", "halted 1", "answer 0 false"]
+        );
+    }
+
+    #[test]
+    fn scopes_widen_to_cover_every_request() {
+        let w = |slot| Scope::Worker {
+            service: "web".into(),
+            slot,
+        };
+        assert_eq!(w(1).union(w(1)), w(1));
+        assert_eq!(w(1).union(w(2)), Scope::Service("web".into()));
+        assert_eq!(
+            Scope::Service("web".into()).union(w(2)),
+            Scope::Service("web".into())
+        );
+        assert_eq!(
+            Scope::Service("web".into()).union(Scope::Service("api".into())),
+            Scope::All
+        );
     }
 }

@@ -1,41 +1,21 @@
 //! The supervisor's record of one service: its worker slots, static backends and
 //! listeners, and the pool of ready backends they make.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use nix::unistd::Pid;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::life::{Worker, WorkerId};
 use super::state::WorkerState;
-use crate::channel::{Channel, Message};
+use crate::channel::Message;
 use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
 use crate::proxy::ServiceListeners;
 use crate::snapshot::{Backend, BackendId, Pool};
-
-/// A worker process that lb started.
-#[derive(Debug)]
-pub(super) struct Worker {
-    pub backend: Arc<Backend>,
-    pub pid: Pid,
-    pub state: WorkerState,
-    pub started: Instant,
-    /// Stops this worker's readiness probe when it exits or is stopped.
-    pub probe: CancellationToken,
-    /// The settings it was started with; it drains and stops by them too.
-    pub config: Arc<WorkersConfig>,
-    /// lb's end of its message channel, open until the worker is reaped.
-    pub channel: Channel,
-    /// Messages dropped in the current run of drops (0: it reads its channel).
-    pub dropped: u64,
-    pub last_drop: Option<Instant>,
-    /// It has been ready once: a later deadline for its first readiness is stale.
-    pub ready_once: bool,
-}
 
 /// One of `count` worker positions; keeps its id, backoff and restart count across
 /// the processes that fill it.
@@ -48,9 +28,9 @@ pub(super) struct Slot {
     /// moves it to the service's settings; until then a slot keeps the old ones, so a
     /// halted rollout leaves the unreplaced slots as they were.
     pub config: Arc<WorkersConfig>,
-    pub worker: Option<Worker>,
-    /// The worker a rollout is starting to take this slot's place, until it is ready.
-    pub replacement: Option<Worker>,
+    /// The worker that fills the slot: starting, in rotation, or out of it after a
+    /// refused connect. A rollout's replacement joins it only once ready.
+    pub worker: Option<WorkerId>,
     /// The state while `worker` is `None`: `Backoff` or `Stopped`.
     pub idle_state: WorkerState,
     pub backoff: Backoff,
@@ -58,18 +38,12 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    /// The slot's state: its worker's, or its idle state when it has none.
-    pub(super) fn state(&self) -> WorkerState {
-        self.worker.as_ref().map_or(self.idle_state, |w| w.state)
-    }
-
     pub(super) fn new(id: u64, config: Arc<WorkersConfig>) -> Self {
         Slot {
             id,
             backoff: Backoff::new(config.restart_backoff),
             config,
             worker: None,
-            replacement: None,
             idle_state: WorkerState::Stopped,
             restarts: 0,
         }
@@ -164,12 +138,12 @@ impl ServiceState {
     }
 
     /// The backends that take new connections now, in slot order, then static ones.
-    pub(super) fn pool(&self) -> Pool {
+    pub(super) fn pool(&self, workers: &BTreeMap<WorkerId, Worker>) -> Pool {
         let workers = self
             .slots
             .iter()
-            .filter_map(|s| s.worker.as_ref())
-            .filter(|w| w.state == WorkerState::Ready)
+            .filter_map(|s| workers.get(&s.worker?))
+            .filter(|w| w.in_rotation())
             .map(|w| Arc::clone(&w.backend));
         let statics = self
             .statics
@@ -182,13 +156,6 @@ impl ServiceState {
             self.config.timeouts,
             Arc::clone(&self.metrics),
         )
-    }
-
-    /// Every running worker process: current ones and rollout replacements.
-    pub(super) fn processes(&self) -> impl Iterator<Item = &Worker> {
-        self.slots
-            .iter()
-            .flat_map(|s| s.worker.iter().chain(s.replacement.iter()))
     }
 }
 

@@ -1,31 +1,47 @@
-//! lb's own graceful stop (SIGTERM/SIGINT): stop accepting, let connections finish up
-//! to the longest `drain_timeout`, send every worker its `stop_signal`, SIGKILL what is
-//! left after `stop_timeout`. A second stop skips straight to SIGKILL.
+//! lb's own graceful stop (SIGTERM/SIGINT, contract §4):
+//!
+//! 1. `/healthz` answers 503 at once, and lb keeps accepting for `shutdown_delay`, so a
+//!    load balancer in front sees it leave before any client is refused;
+//! 2. the listeners stop: each accepts what the kernel has already queued (as
+//!    `max_connections` allows) and closes, so no client that completed its handshake
+//!    is reset;
+//! 3. every worker leaves rotation the way a rollout retires one: the drain message, its
+//!    own `drain_timeout`, its own `stop_signal`, SIGKILL after its own `stop_timeout`;
+//!    connections to static backends get the longest drain time;
+//! 4. lb exits once every worker is gone and every connection has ended.
+//!
+//! A second signal SIGKILLs everything at once.
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::service::ServiceState;
-use super::{Event, Supervisor, WorkerState, worker};
-
-/// Drain time for a stop when no service has workers (and so no `drain_timeout`).
-const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
-/// After SIGKILL, how long to wait for the kernel to report every worker gone.
-const KILL_GRACE: Duration = Duration::from_secs(5);
+use super::life::Input;
+use super::{Event, Supervisor};
+use crate::config::STATIC_DRAIN_TIMEOUT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
     Running,
-    /// Listeners closed; open connections finishing.
-    Draining,
-    /// `stop_signal` sent to every worker.
-    StoppingWorkers,
-    /// SIGKILL sent to every worker.
+    /// `/healthz` answers 503; listeners accept until `shutdown_delay` passes.
+    Leaving,
+    /// Listeners accept only what the kernel has queued, then close.
+    Closing,
+    /// Listeners closed; workers drain and stop, connections finish.
+    Draining {
+        connections_done: bool,
+    },
+    /// A second signal: everything was SIGKILLed.
     Killing,
-    /// Some worker was never reported gone after SIGKILL; lb exits anyway.
-    Abandoned,
+}
+
+impl Phase {
+    pub(super) fn connections_done(&mut self) {
+        if let Phase::Draining { connections_done } = self {
+            *connections_done = true;
+        }
+    }
 }
 
 impl Supervisor {
@@ -35,108 +51,126 @@ impl Supervisor {
             self.kill_all();
             return;
         }
-        self.phase = Phase::Draining;
-        self.rollout_abort();
-        self.close_listeners();
-        self.proxy.tracker.close();
-        for svc in &mut self.services {
-            for w in svc.slots.iter_mut().filter_map(|s| s.worker.as_mut()) {
-                w.state = WorkerState::Draining;
-            }
+        self.phase = Phase::Leaving;
+        if self.rollout.active() {
+            warn!("rollout abandoned: lb is stopping");
         }
-        let drain = self.drain_timeout();
-        info!(connections = self.proxy.tracker.len(), drain_timeout = ?drain, "stopping: listeners closed, waiting for open connections");
-        let (tracker, tx) = (self.proxy.tracker.clone(), self.tx.clone());
+        let effects = self.rollout.abort();
+        self.carry_out(effects);
+        if self.shutdown_delay.is_zero() {
+            self.close_listeners();
+        } else {
+            info!(shutdown_delay = ?self.shutdown_delay, "stopping: /healthz answers 503; still accepting until shutdown_delay passes");
+            self.after(self.shutdown_delay, Event::DelayOver);
+        }
+    }
+
+    pub(super) fn delay_over(&mut self) {
+        if self.phase == Phase::Leaving {
+            self.close_listeners();
+        }
+    }
+
+    /// Stops every listener; each accepts what is already queued, then closes. The
+    /// longest drain time starts now.
+    fn close_listeners(&mut self) {
+        self.phase = Phase::Closing;
+        let drain = self.longest_drain();
+        info!(connections = self.proxy.tracker.len(), drain_timeout = ?drain, "stopping: listeners closed to new clients; serving the queued and open connections");
+        let closing: Vec<_> = self
+            .services
+            .iter_mut()
+            .flat_map(|svc| svc.listeners.close_gracefully())
+            .collect();
+        let tx = self.tx.clone();
         tokio::spawn(async move {
-            let timed_out = tokio::time::timeout(drain, tracker.wait()).await.is_err();
-            let _ = tx.send(Event::Drained { timed_out });
+            for accept_loop in closing {
+                let _ = accept_loop.await;
+            }
+            let _ = tx.send(Event::ListenersClosed);
+        });
+        self.after(drain, Event::DrainDeadline);
+    }
+
+    /// Every queued client is accepted: the workers leave rotation and drain.
+    pub(super) fn listeners_closed(&mut self) {
+        if self.phase != Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Draining {
+            connections_done: false,
+        };
+        let ids: Vec<_> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.retire(id, "stop");
+        }
+        let (tracker, tx) = (self.proxy.tracker.clone(), self.tx.clone());
+        tracker.close();
+        tokio::spawn(async move {
+            tracker.wait().await;
+            let _ = tx.send(Event::ConnectionsDone);
         });
     }
 
-    pub(super) fn drained(&mut self, timed_out: bool) {
-        if self.phase != Phase::Draining {
-            return;
-        }
-        if timed_out {
+    /// The longest drain time is over: whatever is still open is closed.
+    pub(super) fn drain_deadline(&mut self) {
+        if matches!(
+            self.phase,
+            Phase::Closing
+                | Phase::Draining {
+                    connections_done: false
+                }
+        ) {
             warn!(
                 connections = self.proxy.tracker.len(),
                 "drain_timeout passed; closing the remaining connections"
             );
-        } else {
-            info!("all connections finished");
+            self.proxy.connections.cancel();
         }
-        self.proxy.connections.cancel();
-        self.phase = Phase::StoppingWorkers;
-        let mut stop_timeout = Duration::ZERO;
-        for w in self.services.iter().flat_map(ServiceState::processes) {
-            w.probe.cancel();
-            worker::signal_group(w.pid, w.config.stop_signal);
-            stop_timeout = stop_timeout.max(w.config.stop_timeout);
-        }
-        for r in self.retiring.iter_mut().filter(|r| !r.stopping) {
-            worker::signal_group(r.worker.pid, r.worker.config.stop_signal);
-            r.stopping = true;
-            stop_timeout = stop_timeout.max(r.worker.config.stop_timeout);
-        }
-        info!(
-            workers = self.processes().count(),
-            ?stop_timeout,
-            "stopping workers"
-        );
-        self.after(stop_timeout, Event::StopDeadline);
     }
 
     pub(super) fn kill_all(&mut self) {
-        if matches!(self.phase, Phase::Killing | Phase::Abandoned) {
+        if self.phase == Phase::Killing {
             return;
         }
         self.phase = Phase::Killing;
-        self.rollout_abort();
-        self.close_listeners();
-        self.proxy.tracker.close();
-        self.proxy.connections.cancel();
-        let remaining = self.processes().count();
-        if remaining > 0 {
-            warn!(workers = remaining, "killing workers that did not stop");
-        }
-        for w in self.processes() {
-            w.probe.cancel();
-            worker::signal_group(w.pid, Signal::SIGKILL);
-        }
-        self.kill_all_lingering();
-        // A worker the kernel never reports gone (stuck in an uninterruptible wait) must
-        // not keep lb from exiting.
-        self.after(KILL_GRACE, Event::KillGraceOver);
-    }
-
-    /// Stops accepting and closes every listening socket, the copies kept for reload
-    /// hand-overs included, so new clients are refused at once rather than left in a
-    /// backlog nobody accepts from.
-    fn close_listeners(&mut self) {
-        self.proxy.accept.cancel();
+        let effects = self.rollout.abort();
+        self.carry_out(effects);
         for svc in &mut self.services {
             svc.listeners.close_all();
+        }
+        self.proxy.tracker.close();
+        self.proxy.connections.cancel();
+        if !self.workers.is_empty() {
+            warn!(workers = self.workers.len(), "killing every worker");
+        }
+        let ids: Vec<_> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.drive(id, Input::Kill);
         }
     }
 
     pub(super) fn finished(&self) -> bool {
         match self.phase {
-            Phase::Running | Phase::Draining => false,
-            Phase::StoppingWorkers | Phase::Killing => {
-                self.processes().next().is_none() && !self.has_lingering()
-            }
-            Phase::Abandoned => true,
+            Phase::Running | Phase::Leaving | Phase::Closing => false,
+            Phase::Draining { connections_done } => connections_done && self.workers.is_empty(),
+            Phase::Killing => self.workers.is_empty(),
         }
     }
 
-    /// The longest `drain_timeout` of any worker running, retiring ones included.
-    fn drain_timeout(&self) -> Duration {
-        let configured = self
-            .services
-            .iter()
-            .filter_map(|s| s.config.workers.as_ref())
-            .map(|w| w.drain_timeout);
-        let running = self.processes().map(|w| w.config.drain_timeout);
-        configured.chain(running).max().unwrap_or(DEFAULT_DRAIN)
+    /// How long open connections may take to finish: the longest `drain_timeout` of any
+    /// service, or of any worker still running older settings.
+    fn longest_drain(&self) -> Duration {
+        let configured = self.services.iter().map(|s| s.config.drain_timeout());
+        let running = self.workers.values().map(|w| match w.life {
+            super::life::Life::Draining { until } => {
+                until.saturating_duration_since(Instant::now())
+            }
+            _ => w.config.drain_timeout,
+        });
+        configured
+            .chain(running)
+            .max()
+            .unwrap_or(STATIC_DRAIN_TIMEOUT)
     }
 }

@@ -20,6 +20,7 @@ use super::sys;
 #[derive(Debug)]
 pub(super) struct Watchdog {
     pipe: Option<ChildStdin>,
+    pid: Option<Pid>,
 }
 
 impl Watchdog {
@@ -36,7 +37,13 @@ impl Watchdog {
         };
         Ok(Watchdog {
             pipe: child.stdin.take(),
+            pid: i32::try_from(child.id()).ok().map(Pid::from_raw),
         })
+    }
+
+    /// Its process id: lb's child, not a worker's.
+    pub(super) fn pid(&self) -> Option<Pid> {
+        self.pid
     }
 
     pub(super) fn started(&mut self, group: Pid) {

@@ -132,6 +132,11 @@ pub(super) fn signal_group(pid: Pid, signal: Signal) {
     let _ = killpg(pid, signal);
 }
 
+/// Whether any process of the group still exists.
+pub(super) fn group_alive(group: Pid) -> bool {
+    killpg(group, None) != Err(nix::errno::Errno::ESRCH)
+}
+
 /// A free port on loopback for a new worker, not one a live worker of ours holds.
 pub(super) fn free_port(in_use: &HashSet<u16>) -> io::Result<u16> {
     for _ in 0..64 {

@@ -1,0 +1,161 @@
+//! Carries out what a worker's life transitions ask for ([`Effect`]): signals to
+//! its process group, probes, the drain message and drain watch, deadlines, and the
+//! check that a stopped worker's whole group is gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::life::{Effect, Input, Life, WorkerId};
+use super::{Event, Supervisor, orphans, probe, worker};
+use crate::channel::Message;
+use crate::snapshot::BackendStats;
+
+/// How often a draining worker's open connections are counted.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How often a worker that refused a connection is tried again.
+const RECHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often lingering process groups are checked.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+
+impl Supervisor {
+    /// Feeds `input` to a worker's life and carries out what it says.
+    pub(super) fn drive(&mut self, id: WorkerId, input: Input) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        for effect in w.on(input, Instant::now()) {
+            self.worker_effect(id, effect);
+        }
+    }
+
+    /// Takes a worker out of rotation for good: it is told to let its connections go,
+    /// drains them, then stops.
+    pub(super) fn retire(&mut self, id: WorkerId, reason: &'static str) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.leaving() {
+            return;
+        }
+        w.leaving = Some(reason);
+        info!(service = %w.service, worker = w.slot, pid = %w.pid, %reason, connections = w.backend.stats.active(), "worker out of rotation, draining");
+        self.drive(id, Input::Retire);
+    }
+
+    /// A draining worker has no connection left, or its deadline passed.
+    pub(super) fn drained(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        if let Life::Draining { .. } = w.life {
+            let open = w.backend.stats.active();
+            if open > 0 {
+                warn!(service = %w.service, worker = w.slot, pid = %w.pid, connections = open, "drain_timeout passed; closing the remaining connections");
+            } else {
+                info!(service = %w.service, worker = w.slot, pid = %w.pid, "worker drained");
+            }
+        }
+        self.drive(id, Input::Drained);
+    }
+
+    fn worker_effect(&mut self, id: WorkerId, effect: Effect) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match effect {
+            Effect::MarkUp => w.backend.stats.mark_up(),
+            Effect::Recheck => {
+                w.probe.cancel();
+                w.probe = CancellationToken::new();
+                let (addr, token) = (w.backend.addr, w.probe.clone());
+                probe::until_up(id, addr, RECHECK_INTERVAL, None, token, self.tx.clone());
+            }
+            Effect::CancelProbe => w.probe.cancel(),
+            Effect::SendDrain { timeout_ms } => {
+                let drain = serde_json::json!({ "lb": "drain", "timeout_ms": timeout_ms });
+                w.channel.send(&Message::new(&drain));
+            }
+            Effect::WatchDrain { until } => {
+                watch_drain(Arc::clone(&w.backend.stats), until, id, self.tx.clone());
+            }
+            Effect::CloseConnections => w.backend.close.cancel(),
+            Effect::Signal(signal) => {
+                if signal == Signal::SIGKILL
+                    && matches!(w.life, Life::Stopping { .. } | Life::Lingering { .. })
+                    && w.leaving.is_some()
+                {
+                    warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker did not stop within stop_timeout; killing it");
+                }
+                worker::signal_group(w.pid, signal);
+                orphans::signal(Arc::clone(&w.service), w.backend.addr.port(), w.pid, signal);
+            }
+            Effect::DeadlineAt(at) => self.at(at, Event::Deadline { id }),
+            Effect::WatchGroup => {
+                info!(service = %w.service, worker = w.slot, pid = %w.pid, "worker exited; waiting for the rest of its process group");
+                self.watch_groups();
+            }
+            Effect::Forget => {
+                if let Some(w) = self.workers.remove(&id) {
+                    w.probe.cancel();
+                    self.watchdog.reaped(w.pid);
+                    // Whatever it left behind outside its group (a double-forked daemon)
+                    // goes with it.
+                    orphans::signal(w.service, w.backend.addr.port(), w.pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn watch_groups(&mut self) {
+        if !self.checking_groups {
+            self.checking_groups = true;
+            self.after(GROUP_POLL, Event::GroupCheck);
+        }
+    }
+
+    /// Lets the workers whose process group is gone go.
+    pub(super) fn check_groups(&mut self) {
+        self.checking_groups = false;
+        let lingering: Vec<(WorkerId, nix::unistd::Pid)> = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.life, Life::Lingering { .. }))
+            .map(|w| (w.id, w.pid))
+            .collect();
+        let mut still = false;
+        for (id, group) in lingering {
+            if worker::group_alive(group) {
+                still = true;
+            } else {
+                info!(%group, "worker's process group stopped");
+                self.drive(id, Input::GroupGone);
+            }
+        }
+        if still {
+            self.watch_groups();
+        }
+    }
+}
+
+/// Reports when `stats` has no open connection left, or when `until` passes.
+fn watch_drain(
+    stats: Arc<BackendStats>,
+    until: Instant,
+    id: WorkerId,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    tokio::spawn(async move {
+        // One poll period first: a connection that picked this worker from the previous
+        // snapshot counts itself an instant after the swap.
+        tokio::time::sleep(DRAIN_POLL.min(until.saturating_duration_since(Instant::now()))).await;
+        while stats.active() > 0 && Instant::now() < until {
+            tokio::time::sleep(DRAIN_POLL.min(until - Instant::now())).await;
+        }
+        let _ = tx.send(Event::Drained { id });
+    });
+}

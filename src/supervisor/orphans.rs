@@ -1,0 +1,118 @@
+//! Processes a worker started outside its own process group (a daemon that double-forked
+//! and called `setsid`). lb is a child subreaper, so once their parent is gone they
+//! become lb's children; group signals miss them. lb finds them by their parent (lb)
+//! and tells them apart by the environment they inherited from their worker (its
+//! `LB_SERVICE` and `PORT`, unique among live workers), so they are signalled with
+//! their worker and killed when it is gone, and whatever is left dies with lb.
+//!
+//! Reading `/proc` is file I/O, so it runs on a blocking thread, never on the
+//! supervisor's task.
+
+use std::fs;
+use std::sync::Arc;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, getpid};
+
+/// A process lb adopted: its pid and process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Adopted {
+    pid: Pid,
+    group: Pid,
+}
+
+/// Sends `signal` to every adopted process that came from the worker serving `service`
+/// on `port`, except those in its own group `group` (the group signal reaches them).
+pub(super) fn signal(service: Arc<str>, port: u16, group: Pid, signal: Signal) {
+    tokio::task::spawn_blocking(move || {
+        let port = port.to_string();
+        for orphan in adopted() {
+            if orphan.group != group && came_from(orphan.pid, &service, &port) {
+                tracing::info!(pid = %orphan.pid, service = %service, %signal, "signalling a process the worker left outside its group");
+                let _ = kill(orphan.pid, signal);
+            }
+        }
+    });
+}
+
+/// Kills every process lb adopted but `keep` (lb is exiting).
+pub(super) fn kill_all(keep: Option<Pid>) {
+    for orphan in adopted() {
+        if Some(orphan.pid) != keep {
+            tracing::info!(pid = %orphan.pid, "killing a process a worker left behind");
+            let _ = kill(orphan.pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// lb's children whose parent is lb, from `/proc`.
+fn adopted() -> Vec<Adopted> {
+    let me = getpid().as_raw();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (ppid, group, zombie) = parse_stat(&stat)?;
+        (ppid == me && !zombie).then_some(Adopted {
+            pid: Pid::from_raw(pid),
+            group: Pid::from_raw(group),
+        })
+    })
+    .collect()
+}
+
+/// The parent pid, process group and whether it is a zombie, from `/proc/PID/stat`.
+fn parse_stat(stat: &str) -> Option<(i32, i32, bool)> {
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let group = fields.next()?.parse().ok()?;
+    Some((ppid, group, state == "Z"))
+}
+
+/// Whether `pid`'s environment says it came from the worker of `service` on `port`.
+fn came_from(pid: Pid, service: &str, port: &str) -> bool {
+    let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let has = |key: &str, value: &str| {
+        environ.split(|b| *b == 0).any(|var| {
+            var.strip_prefix(key.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+                == Some(value.as_bytes())
+        })
+    };
+    has("LB_SERVICE", service) && has("PORT", port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_come_after_the_command_name() {
+        let stat = "4242 (my (odd) app) S 17 4242 4242 0 -1 4194560 ...";
+        assert_eq!(parse_stat(stat), Some((17, 4242, false)));
+        assert_eq!(parse_stat("7 (z) Z 1 7 7"), Some((1, 7, true)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_environment_names_our_service_and_port() {
+        // The test process is not lb's child, but its environ reads the same way.
+        let me = getpid();
+        let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+        let (service, port) = (
+            env.get("LB_SERVICE").cloned().unwrap_or_default(),
+            env.get("PORT").cloned().unwrap_or_default(),
+        );
+        assert_eq!(
+            came_from(me, &service, &port),
+            env.contains_key("LB_SERVICE") && env.contains_key("PORT")
+        );
+        assert!(!came_from(me, "no-such-service\u{1}", "0"));
+    }
+}
