@@ -320,3 +320,37 @@ fn every_shipped_example_config_is_valid() {
         );
     }
 }
+
+/// Contract §4: `lb check` prints the longest a stop can take, naming where it comes
+/// from: `shutdown_delay`, then the service slowest to drain and stop as a whole.
+#[test]
+fn check_prints_the_longest_stop() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cases = [
+        (
+            "tests/config/valid/stop_times.yaml",
+            "longest stop: 47s (shutdown_delay 5s + drain_timeout 40s + stop_timeout 2s of service api); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+        (
+            "tests/config/valid/minimal.yaml",
+            "longest stop: 40s (shutdown_delay 0s + drain_timeout 30s + stop_timeout 10s of service web); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+        (
+            "tests/config/valid/static_backends.yaml",
+            "longest stop: 30s (shutdown_delay 0s + drain_timeout 30s of service db-proxy, static backends only); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+    ];
+    for (file, want) in cases {
+        let out = lb_check(root, &[file]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{file}: {stdout}");
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("longest stop:"))
+            .collect();
+        assert_eq!(lines, [want], "{file}:\n{stdout}");
+    }
+}
