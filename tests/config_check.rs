@@ -6,7 +6,8 @@
 //! path of every line is checked against what a person meant, not only against the
 //! golden file. Adding a `.yaml`/`.err` pair adds a case.
 //!
-//! Every `tests/config/valid/*.yaml` must pass `lb check`.
+//! Every `tests/config/valid/*.yaml` must pass `lb check`, and so must every config that
+//! ships: `config.example.yaml`, `examples/*/lb.yaml` and the READMEs' `yaml` blocks.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -306,6 +307,31 @@ fn every_shipped_example_config_is_valid() {
         }
     }
     assert!(configs.len() >= 3, "{configs:?}");
+    // Every ```yaml block of the READMEs, written to a file of its own.
+    let blocks = tempfile::tempdir().expect("temp dir");
+    let mut readmes = vec![root.join("README.md")];
+    for entry in fs::read_dir(root.join("examples")).expect("examples folder") {
+        let readme = entry.expect("entry").path().join("README.md");
+        if readme.exists() {
+            readmes.push(readme);
+        }
+    }
+    let mut found = 0;
+    for readme in &readmes {
+        let text = fs::read_to_string(readme).expect("read the README");
+        for (n, block) in yaml_blocks(&text).into_iter().enumerate() {
+            let name = readme
+                .strip_prefix(root)
+                .expect("under the crate root")
+                .to_string_lossy()
+                .replace('/', "_");
+            let file = blocks.path().join(format!("{name}-{n}.yaml"));
+            fs::write(&file, block).expect("write the block");
+            configs.push(file);
+            found += 1;
+        }
+    }
+    assert!(found >= 1, "no ```yaml block in {readmes:?}");
     for config in configs {
         let out = Command::new(LB)
             .arg("check")
@@ -353,4 +379,22 @@ fn check_prints_the_longest_stop() {
             .collect();
         assert_eq!(lines, [want], "{file}:\n{stdout}");
     }
+}
+
+/// The contents of the ```yaml fenced blocks of a Markdown text.
+fn yaml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            None if line.trim_start() == "```yaml" => current = Some(String::new()),
+            Some(_) if line.trim_start() == "```" => blocks.extend(current.take()),
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
 }
