@@ -43,22 +43,75 @@ pub enum Command {
     },
     /// Ask a running lb to reload its config (as SIGHUP).
     Reload,
-    /// Ask a running lb to replace its workers one at a time (as SIGUSR2); waits until
-    /// the rollout ends and fails if it halted.
+    /// Ask a running lb to replace its workers one at a time (as SIGUSR2), or one worker;
+    /// waits until the rollout ends and fails if it halted.
     Restart {
         /// Only this service's workers.
-        #[arg(long)]
+        #[arg(long, value_parser = service_name)]
         service: Option<String>,
+        /// Only this worker (its slot id, LB_WORKER_ID) of the service.
+        #[arg(long, value_name = "ID", requires = "service")]
+        worker: Option<usize>,
     },
     /// Send a JSON message to every worker of a running lb (on its channel, fd 3).
     Broadcast {
         /// One JSON value, e.g. '{"usersCount":25}'.
         message: String,
         /// Only this service's workers.
-        #[arg(long)]
+        #[arg(long, value_parser = service_name)]
         service: Option<String>,
     },
     /// Internal: the helper lb starts to kill its workers if lb itself is killed.
     #[command(hide = true)]
     Watchdog,
+}
+
+/// A service name as the config allows it (`[a-z0-9_-]+`), checked before it goes into
+/// an admin API query string.
+fn service_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err("expected a service name made of a-z, 0-9, _ and -".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command};
+
+    fn restart(args: &[&str]) -> Result<(Option<String>, Option<usize>), clap::Error> {
+        let cli = Cli::try_parse_from([&["lb", "restart"], args].concat())?;
+        match cli.command {
+            Some(Command::Restart { service, worker }) => Ok((service, worker)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn restart_takes_a_service_and_a_worker() {
+        assert_eq!(restart(&[]).unwrap(), (None, None));
+        assert_eq!(
+            restart(&["--service", "web"]).unwrap(),
+            (Some("web".to_owned()), None)
+        );
+        assert_eq!(
+            restart(&["--service", "web", "--worker", "2"]).unwrap(),
+            (Some("web".to_owned()), Some(2))
+        );
+    }
+
+    #[test]
+    fn restart_worker_needs_its_service() {
+        let err = restart(&["--worker", "2"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(restart(&["--service", "web", "--worker", "-1"]).is_err());
+        assert!(restart(&["--service", "web&worker=1"]).is_err());
+    }
 }

@@ -42,10 +42,8 @@ fn main() -> ExitCode {
             ANSWER,
             |body| Ok(body.to_owned()),
         ),
-        Some(Command::Restart { service }) => {
-            let path = service
-                .as_ref()
-                .map_or("/restart".to_owned(), |s| format!("/restart?service={s}"));
+        Some(Command::Restart { service, worker }) => {
+            let path = restart_path(service.as_deref(), *worker);
             // Waits as long as the rollout takes.
             client_command(&cli, Method::POST, &path, String::new(), None, |body| {
                 Ok(body.to_owned())
@@ -66,6 +64,16 @@ fn main() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         },
         None => run(&cli),
+    }
+}
+
+/// `POST /restart`'s target: every service, one service, or one worker of one service
+/// (clap makes `--worker` require `--service`, and checks the name needs no escaping).
+fn restart_path(service: Option<&str>, worker: Option<usize>) -> String {
+    match (service, worker) {
+        (Some(s), Some(w)) => format!("/restart?service={s}&worker={w}"),
+        (Some(s), None) => format!("/restart?service={s}"),
+        (None, _) => "/restart".to_owned(),
     }
 }
 
@@ -179,5 +187,20 @@ fn client_command(
         },
         Ok((code, body)) => fail(&format!("{code}: {body}")),
         Err(err) => fail(&format!("{err:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_path;
+
+    #[test]
+    fn restart_asks_for_everything_a_service_or_one_worker() {
+        assert_eq!(restart_path(None, None), "/restart");
+        assert_eq!(restart_path(Some("web"), None), "/restart?service=web");
+        assert_eq!(
+            restart_path(Some("web"), Some(2)),
+            "/restart?service=web&worker=2"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! path of every line is checked against what a person meant, not only against the
 //! golden file. Adding a `.yaml`/`.err` pair adds a case.
 //!
-//! Every `tests/config/valid/*.yaml` must pass `lb check`.
+//! Every `tests/config/valid/*.yaml` must pass `lb check`, and so must every config that
+//! ships: `config.example.yaml`, `examples/*/lb.yaml` and the READMEs' `yaml` blocks.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -306,6 +307,31 @@ fn every_shipped_example_config_is_valid() {
         }
     }
     assert!(configs.len() >= 3, "{configs:?}");
+    // Every ```yaml block of the READMEs, written to a file of its own.
+    let blocks = tempfile::tempdir().expect("temp dir");
+    let mut readmes = vec![root.join("README.md")];
+    for entry in fs::read_dir(root.join("examples")).expect("examples folder") {
+        let readme = entry.expect("entry").path().join("README.md");
+        if readme.exists() {
+            readmes.push(readme);
+        }
+    }
+    let mut found = 0;
+    for readme in &readmes {
+        let text = fs::read_to_string(readme).expect("read the README");
+        for (n, block) in yaml_blocks(&text).into_iter().enumerate() {
+            let name = readme
+                .strip_prefix(root)
+                .expect("under the crate root")
+                .to_string_lossy()
+                .replace('/', "_");
+            let file = blocks.path().join(format!("{name}-{n}.yaml"));
+            fs::write(&file, block).expect("write the block");
+            configs.push(file);
+            found += 1;
+        }
+    }
+    assert!(found >= 1, "no ```yaml block in {readmes:?}");
     for config in configs {
         let out = Command::new(LB)
             .arg("check")
@@ -319,4 +345,56 @@ fn every_shipped_example_config_is_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Contract §4: `lb check` prints the longest a stop can take, naming where it comes
+/// from: `shutdown_delay`, then the service slowest to drain and stop as a whole.
+#[test]
+fn check_prints_the_longest_stop() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cases = [
+        (
+            "tests/config/valid/stop_times.yaml",
+            "longest stop: 47s (shutdown_delay 5s + drain_timeout 40s + stop_timeout 2s of service api); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+        (
+            "tests/config/valid/minimal.yaml",
+            "longest stop: 40s (shutdown_delay 0s + drain_timeout 30s + stop_timeout 10s of service web); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+        (
+            "tests/config/valid/static_backends.yaml",
+            "longest stop: 30s (shutdown_delay 0s + drain_timeout 30s of service db-proxy, static backends only); \
+             set docker stop -t / terminationGracePeriodSeconds above it",
+        ),
+    ];
+    for (file, want) in cases {
+        let out = lb_check(root, &[file]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{file}: {stdout}");
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("longest stop:"))
+            .collect();
+        assert_eq!(lines, [want], "{file}:\n{stdout}");
+    }
+}
+
+/// The contents of the ```yaml fenced blocks of a Markdown text.
+fn yaml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            None if line.trim_start() == "```yaml" => current = Some(String::new()),
+            Some(_) if line.trim_start() == "```" => blocks.extend(current.take()),
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
 }

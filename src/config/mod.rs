@@ -24,8 +24,8 @@ pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck, addresses_clash};
 pub const DEFAULT_ADMIN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9900);
 
-/// How long connections to static backends may take to finish when lb stops (a
-/// service with workers uses their `drain_timeout`).
+/// How long connections of a service with only static backends may finish when lb
+/// stops: such a service has no `workers.drain_timeout`, so it gets that key's default.
 pub const STATIC_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A whole lb configuration, every default filled in.
@@ -86,12 +86,22 @@ pub struct FeedConfig {
 }
 
 impl ServiceConfig {
-    /// How long its open connections may take to finish when its workers leave or lb
-    /// stops.
+    /// How long this service's open connections may finish once they are told to: its
+    /// workers' `drain_timeout`, or [`STATIC_DRAIN_TIMEOUT`] without workers.
     pub fn drain_timeout(&self) -> Duration {
         self.workers
             .as_ref()
             .map_or(STATIC_DRAIN_TIMEOUT, |w| w.drain_timeout)
+    }
+
+    /// The longest this service takes to stop once lb stops accepting: its drain, then
+    /// its workers' `stop_timeout` before SIGKILL (nothing to stop without workers).
+    fn drain_and_stop(&self) -> Duration {
+        self.drain_timeout().saturating_add(
+            self.workers
+                .as_ref()
+                .map_or(Duration::ZERO, |w| w.stop_timeout),
+        )
     }
 }
 
@@ -164,6 +174,53 @@ pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
 }
 
 impl Config {
+    /// The longest a graceful stop (SIGTERM) can take, for `docker stop -t` and
+    /// `terminationGracePeriodSeconds`: `shutdown_delay`, then the slowest service's
+    /// drain and its workers' `stop_timeout` (services drain and stop side by side).
+    pub fn longest_stop(&self) -> Duration {
+        let slowest = self
+            .slowest_to_stop()
+            .map_or(Duration::ZERO, ServiceConfig::drain_and_stop);
+        self.shutdown_delay.saturating_add(slowest)
+    }
+
+    /// The service whose drain and stop take longest; the first of those that tie.
+    fn slowest_to_stop(&self) -> Option<&ServiceConfig> {
+        self.services
+            .iter()
+            .rev()
+            .max_by_key(|svc| svc.drain_and_stop())
+    }
+
+    /// The summary's line for [`Config::longest_stop`], saying where the figure comes
+    /// from. The total is in whole seconds, rounded up: the unit of `docker stop -t` and
+    /// `terminationGracePeriodSeconds`.
+    fn longest_stop_line(&self) -> String {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        let total = self.longest_stop();
+        let seconds = total.as_secs() + u64::from(total.subsec_nanos() > 0);
+        let mut why = format!("shutdown_delay {}", show(self.shutdown_delay));
+        if let Some(svc) = self.slowest_to_stop() {
+            let _ = write!(why, " + drain_timeout {}", show(svc.drain_timeout()));
+            match &svc.workers {
+                Some(w) => {
+                    let _ = write!(
+                        why,
+                        " + stop_timeout {} of service {}",
+                        show(w.stop_timeout),
+                        svc.name
+                    );
+                }
+                None => {
+                    let _ = write!(why, " of service {}, static backends only", svc.name);
+                }
+            }
+        }
+        format!(
+            "longest stop: {seconds}s ({why}); set docker stop -t / terminationGracePeriodSeconds above it"
+        )
+    }
+
     /// The one-screen summary `lb check` prints for a valid file.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -191,12 +248,13 @@ impl Config {
             if let Some(w) = &svc.workers {
                 let _ = writeln!(
                     out,
-                    "  workers: {} x {:?} in {} (ready by {} within {}, drain {}, stop {} then SIGKILL after {})",
+                    "  workers: {} x {:?} in {} (ready by {} within {}, rollout watch {}, drain {}, stop {} then SIGKILL after {})",
                     w.count,
                     w.command.argv(),
                     w.cwd.display(),
                     w.ready,
                     humantime::format_duration(w.ready_timeout),
+                    humantime::format_duration(w.rollout_watch),
                     humantime::format_duration(w.drain_timeout),
                     w.stop_signal,
                     humantime::format_duration(w.stop_timeout),
@@ -206,6 +264,134 @@ impl Config {
                 let _ = writeln!(out, "  backend: {} (weight {})", b.label, b.weight);
             }
         }
+        out.push_str(&self.longest_stop_line());
+        out.push('\n');
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        parse(yaml, "test.yaml", Path::new(".")).expect("a valid config")
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn longest_stop_of_the_defaults_is_drain_plus_stop() {
+        let c = config(
+            "services:\n  - name: web\n    listen: 127.0.0.1:8080\n    workers: { command: [x] }\n",
+        );
+        assert_eq!(c.services[0].drain_timeout(), 30 * SECOND);
+        assert_eq!(c.longest_stop(), 40 * SECOND);
+        assert!(
+            c.summary().ends_with(
+                "longest stop: 40s (shutdown_delay 0s + drain_timeout 30s + stop_timeout 10s of service web); \
+                 set docker stop -t / terminationGracePeriodSeconds above it\n"
+            ),
+            "{}",
+            c.summary()
+        );
+    }
+
+    #[test]
+    fn longest_stop_takes_the_slowest_service_as_a_whole() {
+        // api has the longest drain, jobs the longest stop_timeout; the slowest service
+        // as a whole (drain + its own stop) counts, not the two maxima added up.
+        let c = config(
+            "shutdown_delay: 5s
+services:
+  - name: api
+    listen: 127.0.0.1:8080
+    workers: { command: [x], drain_timeout: 20s, stop_timeout: 2s }
+  - name: jobs
+    listen: 127.0.0.1:8081
+    workers: { command: [x], drain_timeout: 3s, stop_timeout: 15s }
+",
+        );
+        assert_eq!(c.longest_stop(), 5 * SECOND + 22 * SECOND);
+        assert!(
+            c.summary().contains(
+                "longest stop: 27s (shutdown_delay 5s + drain_timeout 20s + stop_timeout 2s of service api)"
+            ),
+            "{}",
+            c.summary()
+        );
+    }
+
+    #[test]
+    fn static_backends_drain_for_the_default_and_stop_nothing() {
+        let c = config(
+            "services:
+  - name: db
+    listen: 127.0.0.1:8080
+    backends: [127.0.0.1:5432]
+  - name: web
+    listen: 127.0.0.1:8081
+    workers: { command: [x], drain_timeout: 10s, stop_timeout: 5s }
+",
+        );
+        assert_eq!(c.services[0].drain_timeout(), STATIC_DRAIN_TIMEOUT);
+        assert_eq!(c.longest_stop(), STATIC_DRAIN_TIMEOUT);
+        assert!(
+            c.summary().contains(
+                "longest stop: 30s (shutdown_delay 0s + drain_timeout 30s of service db, static backends only)"
+            ),
+            "{}",
+            c.summary()
+        );
+    }
+
+    #[test]
+    fn a_service_with_workers_and_backends_drains_for_its_workers() {
+        let c = config(
+            "services:
+  - name: web
+    listen: 127.0.0.1:8080
+    backends: [127.0.0.1:9000]
+    workers: { command: [x], drain_timeout: 1s, stop_timeout: 1s }
+",
+        );
+        assert_eq!(c.services[0].drain_timeout(), SECOND);
+        assert_eq!(c.longest_stop(), 2 * SECOND);
+    }
+
+    #[test]
+    fn longest_stop_rounds_up_to_whole_seconds_in_the_summary() {
+        let c = config(
+            "shutdown_delay: 1500ms
+services:
+  - name: web
+    listen: 127.0.0.1:8080
+    workers: { command: [x], drain_timeout: 1m, stop_timeout: 250ms }
+",
+        );
+        assert_eq!(c.longest_stop(), Duration::from_millis(61_750));
+        assert!(
+            c.summary().contains(
+                "longest stop: 62s (shutdown_delay 1s 500ms + drain_timeout 1m + stop_timeout 250ms of service web)"
+            ),
+            "{}",
+            c.summary()
+        );
+    }
+
+    #[test]
+    fn the_summary_shows_rollout_watch() {
+        let c = config(
+            "services:\n  - name: web\n    listen: 127.0.0.1:8080\n    workers: { command: [x], rollout_watch: 3s }\n",
+        );
+        assert_eq!(
+            c.services[0].workers.as_ref().map(|w| w.rollout_watch),
+            Some(3 * SECOND)
+        );
+        assert!(
+            c.summary().contains(", rollout watch 3s, "),
+            "{}",
+            c.summary()
+        );
     }
 }
