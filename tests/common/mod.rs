@@ -3,7 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod config;
+pub mod held;
 pub mod load;
+pub mod observe;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -12,7 +12,20 @@
 //! - `CRASH_WITHIN_MS=N`: crash (exit code 4) at a random moment between N/2 and N ms
 //!   after it starts listening.
 //! - `READY_MESSAGE_AFTER_MS=N`: N ms after it starts listening, print `sending ready`
-//!   and send `"ready"` on the channel (fd `LB_CHANNEL_FD`). It never reads its channel.
+//!   and send `"ready"` on the channel (fd `LB_CHANNEL_FD`). It never reads its channel
+//!   unless `CHANNEL_LOG` is set too.
+//! - `CHANNEL_LOG=1`: read the channel line by line and print each line as
+//!   `channel: <line>` (so a test sees a drain message arrive, and its order relative
+//!   to the `stopping` that `STOP_DELAY_MS` prints on SIGTERM).
+//! - `EXIT_AFTER_MS=N`: exit with code 5 N ms after it starts listening (a release that
+//!   dies soon after it became ready).
+//! - `DAEMON=1`: before anything else, start a daemon the classic way: a child that
+//!   calls `setsid()`, starts a grandchild and exits at once (each by running this
+//!   binary again, so no `fork` in unsafe code), which prints
+//!   `daemon pid=<grandchild pid>`. The daemon sleeps forever with its stdio on
+//!   /dev/null, keeping every other descriptor it inherited (fd 3 too, as a careless
+//!   daemon does); its environment has `LB_TEST_DAEMON=run`, so a test can tell it from
+//!   a process that reused its pid.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -26,7 +39,20 @@ fn env_num(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a `DAEMON=1` worker's helper processes are in the double fork.
+const DAEMON_STAGE: &str = "LB_TEST_DAEMON";
+
 fn main() {
+    match std::env::var(DAEMON_STAGE).as_deref() {
+        Ok("detach") => detach(),
+        Ok("run") => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        _ => {}
+    }
+    if std::env::var("DAEMON").is_ok() {
+        start_daemon();
+    }
     if std::env::var("IGNORE_SIGTERM").is_ok() {
         block_sigterm().expect("block SIGTERM");
     }
@@ -61,6 +87,24 @@ fn main() {
             send_ready();
         });
     }
+    if std::env::var("CHANNEL_LOG").is_ok() {
+        let channel = channel().try_clone().expect("clone the channel");
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(channel).lines() {
+                let Ok(line) = line else { break };
+                println!("channel: {line}");
+            }
+        });
+    }
+    let exit_after_ms = env_num("EXIT_AFTER_MS");
+    if std::env::var("EXIT_AFTER_MS").is_ok() {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(exit_after_ms));
+            eprintln!("exiting {exit_after_ms} ms after it started listening");
+            std::process::exit(5);
+        });
+    }
     let crash_within = env_num("CRASH_WITHIN_MS");
     if crash_within > 0 {
         let at = crash_within / 2 + random() % (crash_within / 2 + 1);
@@ -85,21 +129,58 @@ fn main() {
     }
 }
 
-/// Writes `"ready"` on the channel lb passed as `LB_CHANNEL_FD`.
+/// The channel lb passed as `LB_CHANNEL_FD`, opened once and kept open for the life of
+/// the process.
+fn channel() -> &'static std::os::unix::net::UnixStream {
+    static CHANNEL: std::sync::OnceLock<std::os::unix::net::UnixStream> =
+        std::sync::OnceLock::new();
+    CHANNEL.get_or_init(|| {
+        use std::os::fd::FromRawFd as _;
+        let fd: i32 = std::env::var("LB_CHANNEL_FD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .expect("lb sets LB_CHANNEL_FD");
+        // SAFETY: lb opened this descriptor for us; from here on only this static owns it.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::net::UnixStream::from_raw_fd(fd)
+        }
+    })
+}
+
+/// Writes `"ready"` on the channel.
 fn send_ready() {
-    use std::os::fd::FromRawFd as _;
-    let fd: i32 = std::env::var("LB_CHANNEL_FD")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .expect("lb sets LB_CHANNEL_FD");
-    // SAFETY: lb opened this descriptor for us and nothing else in this process uses it.
-    #[allow(unsafe_code)]
-    let mut channel = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
     // Printed first: anything lb routes here after "ready" is logged after this line.
     println!("sending ready");
+    let mut channel = channel();
     channel.write_all(b"\"ready\"\n").expect("write ready");
-    // Keep the descriptor open (never read it): dropping would close the channel.
-    std::mem::forget(channel);
+}
+
+/// `DAEMON=1`: the first fork of the double fork. Waits for the detaching child, which
+/// prints the daemon's pid, so the line comes before `listening on`.
+fn start_daemon() {
+    let exe = std::env::current_exe().expect("own executable");
+    let status = std::process::Command::new(exe)
+        .env(DAEMON_STAGE, "detach")
+        .status()
+        .expect("start the detaching child");
+    assert!(status.success(), "the detaching child failed: {status}");
+}
+
+/// The detaching child: a session of its own, then the daemon, then exit so the daemon
+/// is orphaned (adopted by the nearest subreaper, or init).
+fn detach() -> ! {
+    nix::unistd::setsid().expect("setsid");
+    let exe = std::env::current_exe().expect("own executable");
+    let daemon = std::process::Command::new(exe)
+        .env(DAEMON_STAGE, "run")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the daemon");
+    println!("daemon pid={}", daemon.id());
+    std::process::exit(0);
 }
 
 /// Good enough randomness for crash times: differs per process and per start.
