@@ -21,7 +21,7 @@ pub struct Metrics {
     pub reloads_total: IntCounterVec,
     pub backend_up: IntGaugeVec,
     messages_dropped_total: IntCounterVec,
-    /// Beyond the contract's list: rollouts by result (`finished`, `halted`), so a halted
+    /// Rollouts by result (`ok`, `halted`), so a halted
     /// deploy can alert.
     pub rollouts_total: IntCounterVec,
 }
@@ -136,7 +136,7 @@ impl Default for Metrics {
             rollouts_total: counter(
                 &r,
                 "lb_rollouts_total",
-                "Rolling restarts, by result (finished, halted).",
+                "Rolling restarts, by result (ok, halted).",
                 &["result"],
             ),
             registry: r,
@@ -146,7 +146,7 @@ impl Default for Metrics {
         for result in ["ok", "error"] {
             metrics.reloads_total.with_label_values(&[result]);
         }
-        for result in ["finished", "halted"] {
+        for result in ["ok", "halted"] {
             metrics.rollouts_total.with_label_values(&[result]);
         }
         metrics

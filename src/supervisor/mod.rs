@@ -283,7 +283,7 @@ impl Supervisor {
             Event::DelayOver => self.delay_over(),
             Event::ListenersClosed => self.listeners_closed(),
             Event::DrainDeadline => self.drain_deadline(),
-            Event::ConnectionsDone => self.phase.connections_done(),
+            Event::ConnectionsDone => self.connections_done(),
         }
     }
 

@@ -36,14 +36,6 @@ pub(super) enum Phase {
     Killing,
 }
 
-impl Phase {
-    pub(super) fn connections_done(&mut self) {
-        if let Phase::Draining { connections_done } = self {
-            *connections_done = true;
-        }
-    }
-}
-
 impl Supervisor {
     pub(super) fn stop(&mut self, fast: bool) {
         if fast || self.phase != Phase::Running {
@@ -110,6 +102,14 @@ impl Supervisor {
             tracker.wait().await;
             let _ = tx.send(Event::ConnectionsDone);
         });
+    }
+
+    /// Every proxied connection has ended.
+    pub(super) fn connections_done(&mut self) {
+        if let Phase::Draining { connections_done } = &mut self.phase {
+            *connections_done = true;
+            info!("all connections finished");
+        }
     }
 
     /// The longest drain time is over: whatever is still open is closed.
