@@ -5,6 +5,7 @@ mod common;
 use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
 
+use common::observe::metric_sum as sum;
 use common::{DEADLINE, Lb, connect, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -22,22 +23,6 @@ const CONTRACT: [&str; 10] = [
     "lb_backend_up",
     "lb_messages_dropped_total",
 ];
-
-/// The sum of every sample of `name` whose labels include all of `labels`.
-fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            let wanted = metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            wanted.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
 
 fn metrics(lb: &Lb) -> String {
     let (code, body) = lb.admin("GET", "/metrics", b"");

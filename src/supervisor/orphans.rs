@@ -101,18 +101,28 @@ mod tests {
     }
 
     #[test]
-    fn our_own_environment_names_our_service_and_port() {
-        // The test process is not lb's child, but its environ reads the same way.
-        let me = getpid();
-        let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-        let (service, port) = (
-            env.get("LB_SERVICE").cloned().unwrap_or_default(),
-            env.get("PORT").cloned().unwrap_or_default(),
-        );
-        assert_eq!(
-            came_from(me, &service, &port),
-            env.contains_key("LB_SERVICE") && env.contains_key("PORT")
-        );
-        assert!(!came_from(me, "no-such-service\u{1}", "0"));
+    fn a_process_is_known_by_the_service_and_port_it_inherited() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("LB_SERVICE", "web")
+            .env("PORT", "41234")
+            .spawn()
+            .expect("run sleep");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+        // `spawn` may return before the child has run `exec`: until then its
+        // environment is still ours.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !came_from(pid, "web", "41234") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never saw the environment"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!came_from(pid, "web", "4123"));
+        assert!(!came_from(pid, "api", "41234"));
+        // The test process is its parent, so `adopted` would list it under lb.
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

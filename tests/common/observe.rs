@@ -70,18 +70,7 @@ impl Lb {
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let (code, text) = self.admin("GET", "/metrics", b"");
         assert_eq!(code, 200, "GET /metrics: {text}");
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-                let wanted = metric == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-                wanted.then(|| value.parse::<f64>().ok()).flatten()
-            })
-            .sum()
+        metric_sum(&text, name, labels)
     }
 
     /// Runs an lb client command against this lb, killing it after `limit`. Returns its
@@ -137,4 +126,21 @@ pub fn try_echo(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut received = Vec::new();
     stream.read_to_end(&mut received)?;
     Ok(received)
+}
+
+/// The sum of every sample of `name` in a metrics exposition whose labels include all
+/// of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
