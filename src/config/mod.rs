@@ -107,11 +107,13 @@ impl ServiceConfig {
 
 impl WorkersConfig {
     /// Whether a worker started with `self` runs as one started with `other` would: every
-    /// setting but `count` and `feed`, which are about the service, not the process.
+    /// setting but `count`, `feed` and `rollout_watch`, which are about the service and
+    /// its rollouts, not the process.
     pub fn same_process(&self, other: &WorkersConfig) -> bool {
         WorkersConfig {
             count: other.count,
             feed: other.feed.clone(),
+            rollout_watch: other.rollout_watch,
             ..self.clone()
         } == *other
     }
@@ -279,6 +281,19 @@ mod tests {
     }
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn rollout_watch_and_count_do_not_make_a_worker_outdated_but_its_env_does() {
+        let workers = |extra: &str| {
+            let yaml = format!(
+                "services:\n  - name: web\n    listen: 127.0.0.1:8080\n    workers: {{ command: [x]{extra} }}\n"
+            );
+            config(&yaml).services[0].workers.clone().expect("workers")
+        };
+        let base = workers("");
+        assert!(base.same_process(&workers(", rollout_watch: 1s, count: 7")));
+        assert!(!base.same_process(&workers(", env: { A: b }")));
+    }
 
     #[test]
     fn longest_stop_of_the_defaults_is_drain_plus_stop() {
