@@ -94,7 +94,7 @@ impl Supervisor {
                 worker::signal_group(w.pid, signal);
                 orphans::signal(Arc::clone(&w.service), w.backend.addr.port(), w.pid, signal);
             }
-            Effect::DeadlineAt(at) => self.at(at, Event::Deadline { id }),
+            Effect::DeadlineAt(at) => self.at(at, Event::Deadline { id, at }),
             Effect::WatchGroup => {
                 info!(service = %w.service, worker = w.slot, pid = %w.pid, "worker exited; waiting for the rest of its process group");
                 self.watch_groups();

@@ -64,8 +64,8 @@ pub(super) enum Input {
     Drained,
     /// Stop it at once (a replacement that failed or is no longer wanted).
     Kill,
-    /// Its stop deadline passed.
-    Deadline,
+    /// The deadline set for this instant passed (one set for an earlier state is stale).
+    Deadline(Instant),
     /// Its first process was reaped; `group_alive`: other processes of its group remain.
     Exited { group_alive: bool },
     /// Its process group is gone.
@@ -90,7 +90,7 @@ pub(super) enum Effect {
     CloseConnections,
     /// Signal its whole process group.
     Signal(Signal),
-    /// Report `Deadline` at this instant.
+    /// Report `Deadline` for this instant when it comes.
     DeadlineAt(Instant),
     /// Poll whether its process group is gone.
     WatchGroup,
@@ -203,6 +203,11 @@ pub(super) fn transition(
         )
     };
     match (life, input) {
+        (L::Stopping { until, .. } | L::Lingering { until, .. }, Input::Deadline(at))
+            if at != until =>
+        {
+            (life, Vec::new())
+        }
         (L::Starting | L::Refused, Input::Ready) => (L::Ready, vec![E::MarkUp]),
         (L::Ready, Input::Refused) => (L::Refused, vec![E::Recheck]),
         (L::Starting | L::Ready | L::Refused, Input::Retire) => {
@@ -235,11 +240,12 @@ pub(super) fn transition(
             (life, Vec::new())
         }
         // SIGKILLed and still not gone (stuck in the kernel): lb stops waiting for it.
-        (L::Stopping { killed: true, .. } | L::Lingering { killed: true, .. }, Input::Deadline) => {
-            (life, vec![E::Forget])
-        }
-        (L::Stopping { .. }, Input::Kill | Input::Deadline) => kill(now + KILL_GRACE),
-        (L::Lingering { .. }, Input::Kill | Input::Deadline) => {
+        (
+            L::Stopping { killed: true, .. } | L::Lingering { killed: true, .. },
+            Input::Deadline(_),
+        ) => (life, vec![E::Forget]),
+        (L::Stopping { .. }, Input::Kill | Input::Deadline(_)) => kill(now + KILL_GRACE),
+        (L::Lingering { .. }, Input::Kill | Input::Deadline(_)) => {
             let until = now + KILL_GRACE;
             (
                 L::Lingering {
@@ -350,13 +356,16 @@ mod tests {
                 Effect::DeadlineAt(until)
             ]
         );
-        let (life, effects) = step(life, Input::Deadline, until);
+        let (life, effects) = step(life, Input::Deadline(until), until);
         assert!(matches!(life, Life::Stopping { killed: true, .. }));
         assert!(effects.contains(&Effect::Signal(Signal::SIGKILL)));
-        // Killed once; still there after the grace period: lb stops waiting for it.
+        let grace = until + KILL_GRACE;
+        // Killed once; a deadline set for an earlier state is stale; still there after
+        // the grace period: lb stops waiting for it.
         assert_eq!(step(life, Input::Kill, until), (life, vec![]));
+        assert_eq!(step(life, Input::Deadline(until), grace), (life, vec![]));
         assert_eq!(
-            step(life, Input::Deadline, until),
+            step(life, Input::Deadline(grace), grace),
             (life, vec![Effect::Forget])
         );
     }
@@ -377,7 +386,7 @@ mod tests {
             }
         );
         assert_eq!(effects, vec![Effect::WatchGroup]);
-        let (life, effects) = step(life, Input::Deadline, now);
+        let (life, effects) = step(life, Input::Deadline(now), now);
         assert!(matches!(life, Life::Lingering { killed: true, .. }));
         assert!(effects.contains(&Effect::Signal(Signal::SIGKILL)));
         assert_eq!(step(life, Input::GroupGone, now).1, vec![Effect::Forget]);

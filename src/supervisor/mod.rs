@@ -102,9 +102,10 @@ enum Event {
     Drained {
         id: WorkerId,
     },
-    /// A worker's stop deadline passed.
+    /// A worker's deadline set for `at` passed.
     Deadline {
         id: WorkerId,
+        at: Instant,
     },
     /// Time to see which lingering process groups are gone.
     GroupCheck,
@@ -270,7 +271,7 @@ impl Supervisor {
                 error,
             } => self.feed_output(&service, values, error),
             Event::Drained { id } => self.drained(id),
-            Event::Deadline { id } => self.drive(id, life::Input::Deadline),
+            Event::Deadline { id, at } => self.drive(id, life::Input::Deadline(at)),
             Event::GroupCheck => self.check_groups(),
             Event::WatchOver { id } => {
                 let effects = self.rollout.watch_over(
