@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 
 pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
-pub use types::{BackendSpec, Balance, CommandSpec, ReadyCheck, addresses_clash};
+pub use types::{BackendSpec, Balance, CommandSpec, ProxyProtocol, ReadyCheck, addresses_clash};
 
 /// Where the admin API listens unless the config says otherwise: loopback only.
 pub const DEFAULT_ADMIN: SocketAddr =
@@ -33,6 +33,8 @@ pub const STATIC_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Config {
     /// After SIGTERM, how long lb keeps accepting while `/healthz` answers 503.
     pub shutdown_delay: Duration,
+    /// DNS servers for host names in `backends`; empty: the system's.
+    pub resolvers: Vec<SocketAddr>,
     /// The admin API's address; None when `admin.listen: null` turns it off.
     pub admin: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
@@ -48,6 +50,26 @@ pub struct ServiceConfig {
     pub timeouts: Timeouts,
     pub workers: Option<WorkersConfig>,
     pub backends: Vec<BackendSpec>,
+    /// How often host names in `backends` are looked up again.
+    pub resolve_every: Duration,
+    pub health_check: Option<HealthCheck>,
+    pub proxy_protocol: ProxyProtocol,
+    /// One log line per closed connection.
+    pub log_connections: bool,
+}
+
+/// `health_check`: how backends are checked, and how many results in a row count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failed checks in a row that take a backend out of rotation.
+    pub fall: u32,
+    /// Passed checks in a row that bring it back.
+    pub rise: u32,
+    /// An HTTP/1.1 GET of this path that must answer 2xx or 3xx; without it, a TCP
+    /// connect.
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +287,32 @@ impl Config {
             for b in &svc.backends {
                 let _ = writeln!(out, "  backend: {} (weight {})", b.label, b.weight);
             }
+            if let Some(h) = &svc.health_check {
+                let what = h
+                    .path
+                    .as_ref()
+                    .map_or("TCP connect".to_owned(), |p| format!("HTTP GET {p}"));
+                let _ = writeln!(
+                    out,
+                    "  health check: {what} every {} (timeout {}), out after {} failures, back after {} passes",
+                    humantime::format_duration(h.interval),
+                    humantime::format_duration(h.timeout),
+                    h.fall,
+                    h.rise,
+                );
+            }
+            if svc.proxy_protocol != ProxyProtocol::Off || svc.log_connections {
+                let _ = writeln!(
+                    out,
+                    "  proxy protocol {}, connection log {}",
+                    svc.proxy_protocol,
+                    if svc.log_connections { "on" } else { "off" }
+                );
+            }
+        }
+        if !self.resolvers.is_empty() {
+            let list: Vec<String> = self.resolvers.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "resolvers: {}", list.join(" "));
         }
         out.push_str(&self.longest_stop_line());
         out.push('\n');

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::types::{
-    AdminListen, BackendSpec, Balance, CommandSpec, ConnectionLimit, DurationStr, ListenAddrs,
-    NotSupportedYet, PositiveDuration, ReadyCheck, ScalarText, ServiceName, SignalName,
-    WorkerCount, choice,
+    AdminListen, BackendSpec, Balance, CheckCount, CommandSpec, ConnectionLimit, DurationStr, Flag,
+    HttpPath, ListenAddrs, PositiveDuration, ProxyProtocol, ReadyCheck, Resolver, ScalarText,
+    ServiceName, SignalName, WorkerCount,
 };
 
 #[derive(Debug, Deserialize)]
@@ -17,6 +17,8 @@ use super::types::{
 pub(super) struct RawConfig {
     #[serde(default)]
     pub shutdown_delay: Option<DurationStr>,
+    #[serde(default)]
+    pub resolvers: Option<Vec<Resolver>>,
     #[serde(default)]
     pub admin: RawAdmin,
     pub services: Spanned<Vec<RawService>>,
@@ -45,11 +47,28 @@ pub(super) struct RawService {
     #[serde(default)]
     pub backends: Option<Vec<BackendSpec>>,
     #[serde(default)]
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub health_check: Option<NotSupportedYet>,
+    pub resolve_every: Option<PositiveDuration>,
     #[serde(default)]
-    #[expect(dead_code, reason = "deserialized only to refuse or accept the value")]
-    pub proxy_protocol: Option<ProxyProtocolOff>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    #[serde(default)]
+    pub log_connections: Option<Flag>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    #[serde(default)]
+    pub interval: Option<PositiveDuration>,
+    #[serde(default)]
+    pub timeout: Option<PositiveDuration>,
+    #[serde(default)]
+    pub fall: Option<CheckCount>,
+    #[serde(default)]
+    pub rise: Option<CheckCount>,
+    #[serde(default)]
+    pub path: Option<HttpPath>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,16 +122,4 @@ pub(super) struct RawBackoff {
     pub initial: Option<PositiveDuration>,
     #[serde(default)]
     pub max: Option<DurationStr>,
-}
-
-/// `proxy_protocol`: only `off` is built so far.
-#[derive(Debug)]
-pub(super) struct ProxyProtocolOff;
-
-impl<'de> Deserialize<'de> for ProxyProtocolOff {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = ScalarText::deserialize(d)?;
-        choice(&text.0, &["off"], &["v1", "v2"])?;
-        Ok(ProxyProtocolOff)
-    }
 }

@@ -501,13 +501,110 @@ impl<'de> Deserialize<'de> for ReadyCheck {
     }
 }
 
-/// A key whose behaviour lb does not have yet: refused, never silently ignored.
-#[derive(Debug)]
-pub struct NotSupportedYet;
+/// `proxy_protocol`: whether and how lb tells backends the client's address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
 
-impl<'de> Deserialize<'de> for NotSupportedYet {
-    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Err(de::Error::custom("not supported yet"))
+impl<'de> Deserialize<'de> for ProxyProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        match choice(&text.0, &["off", "v1", "v2"], &[])? {
+            "v1" => Ok(ProxyProtocol::V1),
+            "v2" => Ok(ProxyProtocol::V2),
+            _ => Ok(ProxyProtocol::Off),
+        }
+    }
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        })
+    }
+}
+
+/// `true` or `false`, as written: YAML 1.1's `yes`, `on` and friends are refused rather
+/// than guessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flag(pub bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        match text.0.as_str() {
+            "true" => Ok(Flag(true)),
+            "false" => Ok(Flag(false)),
+            other => Err(invalid("true or false", shown(other))),
+        }
+    }
+}
+
+/// The most checks `fall` or `rise` may count: more would take hours to act.
+pub const MAX_CHECK_COUNT: u32 = 100;
+
+/// `health_check.fall` / `rise`: checks in a row, 1 to [`MAX_CHECK_COUNT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckCount(pub u32);
+
+impl<'de> Deserialize<'de> for CheckCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        match text.0.parse::<u32>() {
+            Ok(n) if (1..=MAX_CHECK_COUNT).contains(&n) => Ok(CheckCount(n)),
+            _ => Err(invalid(
+                &format!("a number of checks from 1 to {MAX_CHECK_COUNT}"),
+                shown(&text.0),
+            )),
+        }
+    }
+}
+
+/// `health_check.path`: an absolute HTTP path, sent as is in the request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPath(pub String);
+
+impl<'de> Deserialize<'de> for HttpPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        let fits = text.0.starts_with('/')
+            && text.0.len() <= 1024
+            && text.0.bytes().all(|b| b.is_ascii_graphic());
+        if fits {
+            Ok(HttpPath(text.0))
+        } else {
+            Err(invalid(
+                "an HTTP path like /healthz (no spaces, at most 1024 characters)",
+                shown(&text.0),
+            ))
+        }
+    }
+}
+
+/// One of `resolvers`: a DNS server as `IP:port`, or an IP (port 53).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolver(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Resolver {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        if let Ok(addr) = text.0.parse::<SocketAddr>() {
+            return Ok(Resolver(addr));
+        }
+        match text.0.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(Resolver(SocketAddr::new(ip, 53))),
+            Err(_) => Err(invalid(
+                "a DNS server as IP:port or IP, like 10.0.0.2:53",
+                shown(&text.0),
+            )),
+        }
     }
 }
 

@@ -10,10 +10,11 @@ use nix::sys::signal::Signal;
 use serde_path_to_error::Segment;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
-use super::raw::{RawBackoff, RawConfig, RawService, RawWorkers};
+use super::raw::{RawBackoff, RawConfig, RawHealthCheck, RawService, RawWorkers};
 use super::types::{Balance, ListenAddrs, ScalarText, addresses_clash};
 use super::{
-    BackoffPolicy, Config, ConfigError, ConfigErrors, ServiceConfig, Timeouts, WorkersConfig,
+    BackoffPolicy, Config, ConfigError, ConfigErrors, HealthCheck, ServiceConfig, Timeouts,
+    WorkersConfig,
 };
 
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -24,6 +25,11 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A replacement that exits this soon after it became ready halts the rollout (§4).
 const DEFAULT_ROLLOUT_WATCH: Duration = Duration::from_secs(10);
+const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(30);
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_RISE: u32 = 2;
 const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -134,6 +140,12 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
     if errors.is_empty() {
         Ok(Config {
             shutdown_delay: raw.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
+            resolvers: raw
+                .resolvers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.0)
+                .collect(),
             admin: raw.admin.listen.resolve(),
             services,
         })
@@ -241,7 +253,21 @@ fn service(raw: RawService, i: usize, base: &Path, at: &At) -> Result<ServiceCon
         },
         workers,
         backends: raw.backends.unwrap_or_default(),
+        resolve_every: raw.resolve_every.map_or(DEFAULT_RESOLVE_EVERY, |d| d.0),
+        health_check: raw.health_check.map(|h| health_check(h.value)),
+        proxy_protocol: raw.proxy_protocol.unwrap_or_default(),
+        log_connections: raw.log_connections.is_some_and(|f| f.0),
     })
+}
+
+fn health_check(raw: RawHealthCheck) -> HealthCheck {
+    HealthCheck {
+        interval: raw.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0),
+        timeout: raw.timeout.map_or(DEFAULT_CHECK_TIMEOUT, |d| d.0),
+        fall: raw.fall.map_or(DEFAULT_FALL, |n| n.0),
+        rise: raw.rise.map_or(DEFAULT_RISE, |n| n.0),
+        path: raw.path.map(|p| p.0),
+    }
 }
 
 fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersConfig, ConfigError> {
