@@ -4,6 +4,7 @@
 mod connection;
 mod copy;
 mod listener;
+pub mod proxy_protocol;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -70,10 +70,16 @@ impl Supervisor {
         match effect {
             Effect::MarkUp => w.backend.stats.mark_up(),
             Effect::Recheck => {
+                let svc = self.services.iter().find(|s| *s.config.name == *w.service);
+                let Some(svc) = svc.filter(|s| s.config.health_check.is_none()) else {
+                    // Its health checks go on, and bring it back.
+                    return;
+                };
                 w.probe.cancel();
                 w.probe = CancellationToken::new();
                 let (addr, token) = (w.backend.addr, w.probe.clone());
-                probe::until_up(id, addr, RECHECK_INTERVAL, None, token, self.tx.clone());
+                let proxy = svc.config.proxy_protocol;
+                probe::until_up(id, addr, RECHECK_INTERVAL, None, proxy, token, self.tx.clone());
             }
             Effect::CancelProbe => w.probe.cancel(),
             Effect::SendDrain { timeout_ms } => {

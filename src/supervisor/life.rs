@@ -4,7 +4,7 @@
 //! process, a socket or a clock of its own, so every transition is tested without one.
 //!
 //! ```text
-//! Starting ──ready──▶ Ready ──refused──▶ Refused ──ready──▶ Ready
+//! Starting ──ready──▶ Ready ──refused, unhealthy──▶ Refused ──ready──▶ Ready
 //!     │                 │                   │
 //!     └──────retire─────┴───────────────────┴──▶ Draining ──drained──▶ Stopping
 //!                                                                       │
@@ -21,6 +21,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::health::Health;
 use super::state::WorkerState;
 use crate::channel::Channel;
 use crate::config::WorkersConfig;
@@ -39,9 +40,9 @@ pub(super) enum Life {
     Starting,
     /// In rotation.
     Ready,
-    /// It was ready, then a connect to it failed: out of rotation, probed until it
-    /// accepts again.
-    Refused,
+    /// It was ready, then a connect to it failed or its health checks did: out of
+    /// rotation since `since`, until it accepts (or passes its checks) again.
+    Refused { since: Instant },
     /// Out of rotation for good; its open connections finish until `until`.
     Draining { until: Instant },
     /// `stop_signal` (or SIGKILL, when `killed`) sent; SIGKILL at `until`.
@@ -58,6 +59,8 @@ pub(super) enum Input {
     Ready,
     /// A connect from the proxy failed.
     Refused,
+    /// Its health checks failed `fall` times in a row.
+    Unhealthy,
     /// Take it out of rotation for good: rollout, scale-down, removal, lb's stop.
     Retire,
     /// Its open connections are gone, or its drain deadline passed.
@@ -77,9 +80,9 @@ pub(super) enum Input {
 pub(super) enum Effect {
     /// Put it (back) in rotation: clear its connect-failure mark.
     MarkUp,
-    /// Probe it until it accepts again.
+    /// Find out when it accepts again: its health checks, or else a probe.
     Recheck,
-    /// Stop probing it.
+    /// Stop probing and checking it.
     CancelProbe,
     /// Tell it on its channel to let its idle connections go, with what is left of its
     /// drain time (contract §3).
@@ -117,8 +120,10 @@ pub(super) struct Worker {
     pub life: Life,
     /// Why it left rotation (`rollout`, `scale`, `removed`, `replaced`, `stop`, …).
     pub leaving: Option<&'static str>,
-    /// Cancels its readiness or recheck probe.
+    /// Cancels its readiness or recheck probe, and its health checks.
     pub probe: CancellationToken,
+    /// What its health checks say, once it is ready.
+    pub health: Health,
     /// Messages dropped in the current run of drops (0: it reads its channel).
     pub dropped: u64,
     pub last_drop: Option<Instant>,
@@ -151,7 +156,7 @@ impl Worker {
     /// The state `/status` and `lb_workers` show.
     pub(super) fn state(&self) -> WorkerState {
         match self.life {
-            Life::Starting | Life::Refused => WorkerState::Starting,
+            Life::Starting | Life::Refused { .. } => WorkerState::Starting,
             Life::Ready => WorkerState::Ready,
             Life::Draining { .. } | Life::Stopping { .. } | Life::Lingering { .. } => {
                 WorkerState::Draining
@@ -208,9 +213,11 @@ pub(super) fn transition(
         {
             (life, Vec::new())
         }
-        (L::Starting | L::Refused, Input::Ready) => (L::Ready, vec![E::MarkUp]),
-        (L::Ready, Input::Refused) => (L::Refused, vec![E::Recheck]),
-        (L::Starting | L::Ready | L::Refused, Input::Retire) => {
+        (L::Starting | L::Refused { .. }, Input::Ready) => (L::Ready, vec![E::MarkUp]),
+        (L::Ready, Input::Refused) => (L::Refused { since: now }, vec![E::Recheck]),
+        // Its checks go on and bring it back.
+        (L::Ready, Input::Unhealthy) => (L::Refused { since: now }, Vec::new()),
+        (L::Starting | L::Ready | L::Refused { .. }, Input::Retire) => {
             let until = now + cfg.drain_timeout();
             let timeout_ms = u64::try_from(cfg.drain_timeout().as_millis()).unwrap_or(u64::MAX);
             (
@@ -301,19 +308,22 @@ mod tests {
             step(Life::Starting, Input::Ready, now),
             (Life::Ready, vec![Effect::MarkUp])
         );
+        let refused = Life::Refused { since: now };
         assert_eq!(
             step(Life::Ready, Input::Refused, now),
-            (Life::Refused, vec![Effect::Recheck])
+            (refused, vec![Effect::Recheck])
         );
         assert_eq!(
-            step(Life::Refused, Input::Ready, now),
+            step(refused, Input::Ready, now),
             (Life::Ready, vec![Effect::MarkUp])
         );
-        // A second report of a refused connect changes nothing.
-        assert_eq!(
-            step(Life::Refused, Input::Refused, now),
-            (Life::Refused, vec![])
-        );
+        // A second report of a refused connect changes nothing, nor does its being
+        // found unhealthy too: it stays out since the first.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(step(refused, Input::Refused, later), (refused, vec![]));
+        assert_eq!(step(refused, Input::Unhealthy, later), (refused, vec![]));
+        // Failed checks take it out with no probe of their own: the checks go on.
+        assert_eq!(step(Life::Ready, Input::Unhealthy, now), (refused, vec![]));
     }
 
     #[test]
@@ -398,7 +408,7 @@ mod tests {
         for life in [
             Life::Starting,
             Life::Ready,
-            Life::Refused,
+            Life::Refused { since: now },
             Life::Draining { until: now },
         ] {
             let (_, effects) = step(life, Input::Exited { group_alive: true }, now);

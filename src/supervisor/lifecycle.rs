@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::health::Health;
 use super::life::{Input, Life, Worker, WorkerId};
 use super::rolling::View;
 use super::service::{ServiceState, Slot, StaticBackend, worker_backend};
@@ -35,6 +36,9 @@ impl Supervisor {
         }
         self.services.push(svc);
         let si = self.services.len() - 1;
+        for index in 0..self.services[si].statics.len() {
+            self.check_static(si, index);
+        }
         self.add_slots(si);
         si
     }
@@ -155,6 +159,7 @@ impl Supervisor {
                     addr,
                     READY_PROBE_INTERVAL,
                     Some(deadline),
+                    self.services[si].config.proxy_protocol,
                     probe.clone(),
                     self.tx.clone(),
                 );
@@ -175,6 +180,7 @@ impl Supervisor {
             life: Life::Starting,
             leaving: None,
             probe,
+            health: Health::default(),
             dropped: 0,
             last_drop: None,
         };
@@ -299,6 +305,9 @@ impl Supervisor {
             if self.workers.get(&id).is_some_and(Worker::in_rotation) && was != Life::Ready {
                 let after = self.workers[&id].started.elapsed();
                 info!(%service, worker = slot, %pid, ?after, "worker ready");
+                if was == Life::Starting {
+                    self.check_worker(id);
+                }
                 let watch = self.workers[&id].config.rollout_watch;
                 let effects = self.rollout.ready(
                     id,
@@ -329,9 +338,10 @@ impl Supervisor {
     /// worker that was serving is not killed for it: an overloaded worker drops connects
     /// too, and killing it would lose every connection it holds.
     pub(super) fn backend_down(&mut self, id: BackendId) {
-        if let Some(w) = self.workers.get(&id) {
+        if let Some(w) = self.workers.get_mut(&id) {
             if w.in_rotation() {
                 warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker refused a connection; out of rotation until it accepts again");
+                w.health.down();
                 self.drive(id, Input::Refused);
             }
             return;
@@ -341,21 +351,29 @@ impl Supervisor {
         };
         let svc = &mut self.services[si];
         let backend = &mut svc.statics[index];
+        if !backend.up {
+            return;
+        }
         warn!(service = %svc.config.name, backend = %backend.backend.label, "backend refused a connection; out of rotation until it accepts again");
         backend.up = false;
-        let (addr, probe) = (backend.backend.addr, backend.probe.clone());
-        probe::until_up(
-            id,
-            addr,
-            STATIC_PROBE_INTERVAL,
-            None,
-            probe,
-            self.tx.clone(),
-        );
+        backend.health.down();
+        // With health checks, those bring it back.
+        if svc.config.health_check.is_none() {
+            let (addr, probe) = (backend.backend.addr, backend.probe.clone());
+            probe::until_up(
+                id,
+                addr,
+                STATIC_PROBE_INTERVAL,
+                None,
+                svc.config.proxy_protocol,
+                probe,
+                self.tx.clone(),
+            );
+        }
     }
 
     /// Where a static backend sits: service index and position.
-    fn static_place(&self, id: BackendId) -> Option<(usize, usize)> {
+    pub(super) fn static_place(&self, id: BackendId) -> Option<(usize, usize)> {
         self.services.iter().enumerate().find_map(|(si, svc)| {
             let index = svc.statics.iter().position(|s| s.backend.id == id)?;
             Some((si, index))

@@ -12,9 +12,11 @@
 //! (applying a changed config) and `stop.rs` (lb's own graceful stop).
 
 mod backoff;
+mod checks;
 mod command;
 mod drive;
 mod feed;
+mod health;
 mod life;
 mod lifecycle;
 mod messages;
@@ -71,10 +73,9 @@ enum Event {
         status: ExitStatus,
     },
     /// A probe of a backend finished: it accepts connections, or its deadline passed.
-    Probe {
-        id: BackendId,
-        ok: bool,
-    },
+    Probe { id: BackendId, ok: bool },
+    /// A health check of a backend finished.
+    Health { id: BackendId, ok: bool },
     /// A crashed worker's backoff delay has passed.
     RestartDue {
         service: String,
@@ -251,6 +252,7 @@ impl Supervisor {
             Event::Command(command) => self.command(command),
             Event::Exited { pid, status } => self.exited(pid, status),
             Event::Probe { id, ok } => self.probed(id, ok),
+            Event::Health { id, ok } => self.health_checked(id, ok),
             Event::RestartDue {
                 service,
                 slot,

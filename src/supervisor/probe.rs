@@ -1,15 +1,16 @@
 //! TCP probes: a worker is ready once a connect to its port succeeds; a backend taken
-//! out of rotation comes back the same way.
+//! out of rotation comes back the same way. With the PROXY protocol on, each probe says
+//! it is lb's own connection.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Event;
+use super::{Event, health};
+use crate::config::ProxyProtocol;
 use crate::snapshot::BackendId;
 
 /// Long enough for a busy worker's accept queue; a closed port answers at once anyway.
@@ -22,13 +23,14 @@ pub(super) fn until_up(
     addr: SocketAddr,
     interval: Duration,
     deadline: Option<Instant>,
+    proxy: ProxyProtocol,
     cancel: CancellationToken,
     events: mpsc::UnboundedSender<Event>,
 ) {
     tokio::spawn(async move {
         let probe = async {
             loop {
-                let attempt = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, TcpStream::connect(addr));
+                let attempt = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, health::connect(addr, proxy));
                 if let Ok(Ok(_)) = attempt.await {
                     return true;
                 }

@@ -144,10 +144,16 @@ impl Supervisor {
                 svc.feed.last = None;
             }
         }
+        let checks = |c: &ServiceConfig| (c.health_check.clone(), c.proxy_protocol);
+        let checks_changed = checks(&svc.config) != checks(&config);
         svc.config = config;
+        if checks_changed {
+            self.restart_checks(si);
+        }
         for spec in &change.backends_added {
             let backend = self.static_backend(&name, spec);
             self.services[si].statics.push(backend);
+            self.check_static(si, self.services[si].statics.len() - 1);
         }
         self.serve(si, listeners);
         let (from, to) = change.count;

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicUsize;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::health::Health;
 use super::life::{Worker, WorkerId};
 use super::state::WorkerState;
 use crate::channel::Message;
@@ -74,7 +75,9 @@ pub(super) struct FeedState {
 pub(super) struct StaticBackend {
     pub backend: Arc<Backend>,
     pub up: bool,
+    /// Cancels its probe after a refused connect, and its health checks.
     pub probe: CancellationToken,
+    pub health: Health,
 }
 
 impl StaticBackend {
@@ -97,6 +100,7 @@ impl StaticBackend {
             // Like HAProxy without health checks: a configured server is up until it fails.
             up: true,
             probe: CancellationToken::new(),
+            health: Health::default(),
         }
     }
 
