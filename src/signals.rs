@@ -20,8 +20,8 @@ pub fn start(inbox: Inbox) -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                Some(()) = term.recv() => inbox.send(Command::Stop { fast: false }),
-                Some(()) = int.recv() => inbox.send(Command::Stop { fast: false }),
+                Some(()) = term.recv() => inbox.send(Command::Stop),
+                Some(()) = int.recv() => inbox.send(Command::Stop),
                 // The config is read off the supervisor's task, then applied.
                 Some(()) = hup.recv() => {
                     inbox.with_config(|config| Command::Reload { config, reply: None });

@@ -332,3 +332,123 @@ fn a_crash_looping_worker_does_not_pile_up_daemons() {
         daemons.alive().is_empty()
     });
 }
+
+/// Each service's drain time counts from when lb stops taking clients, and a service
+/// whose clients wait for a permit does not hold up another's workers: the stop takes
+/// no longer than `lb check` says.
+#[test]
+fn a_stop_takes_no_longer_than_lb_check_says() {
+    let b_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = Config::new()
+        .service(
+            Service::workers("a")
+                .option("max_connections", "1")
+                .set("drain_timeout", "4s")
+                .set("stop_timeout", "1s")
+                .env("CHANNEL_LOG", "1"),
+        )
+        .service(
+            Service::workers("b")
+                .listen(b_listen)
+                .set("drain_timeout", "1s")
+                .set("stop_timeout", "4s")
+                .env("IGNORE_SIGTERM", "1"),
+        );
+    let mut lb = Lb::start(&config.yaml());
+    lb.wait_ready(2);
+    let check = std::process::Command::new(common::LB)
+        .args(["check", "--config"])
+        .arg(lb.dir.path().join("lb.yaml"))
+        .output()
+        .expect("lb check");
+    let summary = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(summary.contains("longest stop: 5s"), "{summary}");
+    // Service a is at max_connections with one client, another waits in the queue.
+    let mut held = TcpStream::connect(lb.listen).expect("connect");
+    held.write_all(b"held\n").expect("write");
+    let mut buf = [0u8; 16];
+    let _ = held.read(&mut buf);
+    let mut queued = TcpStream::connect(lb.listen).expect("connect");
+    queued.write_all(b"queued\n").expect("write");
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    lb.signal(Signal::SIGTERM);
+    assert!(lb.wait_exit().success(), "{}", lb.log());
+    let took = signalled.elapsed();
+    let drains = lb.lines("channel: ");
+    assert!(
+        took < Duration::from_millis(5_900),
+        "lb check said 5s, the stop took {took:?}; drain messages: {drains:?}"
+    );
+}
+
+/// lb still takes clients during `shutdown_delay`, so a worker that crashes then is
+/// restarted.
+#[test]
+fn a_worker_that_crashes_during_shutdown_delay_is_restarted() {
+    let mut lb = Lb::start(
+        &Config::new()
+            .shutdown_delay("6s")
+            .service(
+                Service::workers("web").set("restart_backoff", "{ initial: 100ms, max: 100ms }"),
+            )
+            .yaml(),
+    );
+    lb.wait_ready(1);
+    lb.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = lb.worker_pid(0);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    wait_until("the crashed worker reaped", Duration::from_secs(5), || {
+        !alive(pid)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let served = common::observe::try_echo(lb.listen, b"during the delay\n");
+    let workers = lb.status_workers("web");
+    assert!(
+        served.as_deref().ok() == Some(&b"during the delay\n"[..]),
+        "a client 1 s after the crash, 4 s before shutdown_delay ends: {served:?}; /status {workers:?}"
+    );
+    lb.wait_exit();
+}
+
+/// Hundreds of clients queued when SIGTERM arrives are all served: the workers leave
+/// rotation only once every queued client has reached one.
+#[test]
+fn sigterm_serves_every_queued_client_even_a_few_hundred() {
+    const CLIENTS: usize = 300;
+    let mut lb = Lb::start(
+        &Config::new()
+            .service(Service::workers("web").count(2).set("drain_timeout", "5s"))
+            .yaml(),
+    );
+    lb.wait_ready(2);
+    kill(lb.pid(), Signal::SIGSTOP).expect("SIGSTOP lb");
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|i| {
+            let mut s = TcpStream::connect(lb.listen).expect("connect");
+            s.write_all(format!("client {i}\n").as_bytes())
+                .expect("write");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    kill(lb.pid(), Signal::SIGTERM).expect("SIGTERM lb");
+    kill(lb.pid(), Signal::SIGCONT).expect("SIGCONT lb");
+    let mut failed = Vec::new();
+    for (i, mut s) in clients.into_iter().enumerate() {
+        let want = format!("client {i}\n");
+        let mut got = vec![0u8; want.len()];
+        if let Err(err) = s.read_exact(&mut got) {
+            failed.push((i, err.kind()));
+        }
+    }
+    let _ = lb.wait_exit();
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} queued clients not served: first {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}

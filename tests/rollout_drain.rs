@@ -380,3 +380,81 @@ fn scale_down_sends_the_drain_message_to_the_removed_worker_only() {
     );
     close_all(held);
 }
+
+/// A replacement that exits within `rollout_watch` halts the rollout; the next slot's
+/// replacement, starting at that moment, is stopped with it rather than left running
+/// outside any slot.
+#[test]
+fn a_halt_by_rollout_watch_leaves_no_replacement_running() {
+    let v1 = Service::workers("web")
+        .count(3)
+        .set("rollout_watch", "5s")
+        .set("restart_backoff", "{ initial: 5s, max: 5s }");
+    let lb = Lb::start(&Config::new().service(v1.clone()).yaml());
+    lb.wait_ready(3);
+    // The new release: slot 0's worker dies 1 s after it is ready (within the watch);
+    // the others take 3 s to start, so slot 1's replacement is starting at the halt.
+    let script = "if [ \"$LB_WORKER_ID\" = 0 ]; then EXIT_AFTER_MS=1000 exec {worker}; \
+                  else START_DELAY_MS=3000 exec {worker}; fi";
+    lb.rewrite_config(
+        &Config::new()
+            .service(v1.command(&["sh", "-c", script]))
+            .yaml(),
+    );
+    let out = lb.cli(&["restart"]);
+    assert!(!out.status.success(), "the rollout halts");
+    // Long after the halt, the started replacement of slot 1 is ready and serves nobody.
+    std::thread::sleep(Duration::from_secs(5));
+    let workers = lb.status_workers("web");
+    let ids: Vec<u64> = workers.iter().filter_map(|w| w["id"].as_u64()).collect();
+    assert_eq!(
+        lb.metric("lb_workers", &[("service", "web")]),
+        3.0,
+        "a 3-worker service counts 4 workers: /status ids {ids:?}: {workers:?}"
+    );
+    assert_eq!(ids.len(), 3, "/status lists a leaked worker: {workers:?}");
+}
+
+/// A reload during `lb restart` that makes a starting replacement outdated does not
+/// cancel the restart of its slot.
+#[test]
+fn a_reload_during_a_restart_does_not_cancel_the_restart_of_a_slot() {
+    let v1 = Service::workers("web").count(2).set("rollout_watch", "0s");
+    let lb = Lb::start(&Config::new().service(v1.clone()).yaml());
+    lb.wait_ready(2);
+    let before = lb.ready_slots("web");
+    lb.rewrite_config(
+        &Config::new()
+            .service(v1.clone().env("START_DELAY_MS", "3000"))
+            .yaml(),
+    );
+    let restart = {
+        let admin = lb.admin.expect("admin").to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new(common::LB)
+                .args(["--admin", &admin, "restart"])
+                .output()
+                .expect("lb restart")
+        })
+    };
+    lb.wait_status(
+        "slot 0's replacement starting",
+        Duration::from_secs(10),
+        |lb| lb.status_workers("web").len() == 3,
+    );
+    lb.rewrite_config(&Config::new().service(v1).yaml());
+    lb.signal(Signal::SIGHUP);
+    let out = restart.join().expect("restart thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = lb.ready_slots("web");
+    assert_ne!(
+        before[&0],
+        after[&0],
+        "`lb restart` said {:?} but slot 0 still runs its old process",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+}

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::config::{Config, Service};
 use common::{DEADLINE, Lb, alive, hello, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -191,4 +192,42 @@ services:
         "availability: {} ok, {broken} broken in flight, {crashes} crashes",
         report.ok
     );
+}
+
+/// A worker killed for missing its `ready_timeout` that is not reaped in time (held
+/// here by a tracer that never waits) does not leave its slot empty for good.
+#[test]
+fn a_worker_stuck_after_sigkill_does_not_leave_its_slot_empty_for_good() {
+    let lb = Lb::start(
+        &Config::new()
+            .service(
+                Service::workers("web")
+                    .set("ready_timeout", "2s")
+                    .set("restart_backoff", "{ initial: 100ms, max: 200ms }")
+                    .env("START_DELAY_MS", "60000"),
+            )
+            .yaml(),
+    );
+    lb.wait_log("admin API listening");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = lb.status_workers("web")[0]["pid"].as_i64() {
+            break pid as i32;
+        }
+        assert!(Instant::now() < deadline, "worker started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A tracer thread that never waits: the killed worker stays unreaped until it exits.
+    let tracer = std::thread::spawn(move || {
+        nix::sys::ptrace::seize(Pid::from_raw(pid), nix::sys::ptrace::Options::empty())
+            .expect("ptrace seize");
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    tracer.join().expect("tracer");
+    wait_until("the worker reaped", Duration::from_secs(5), || !alive(pid));
+    // Every process is gone and the restart backoff is 200 ms at most: the slot must
+    // have a worker again.
+    lb.wait_status("a new worker in slot 0", Duration::from_secs(5), |lb| {
+        lb.status_workers("web")[0]["pid"].as_i64().is_some()
+    });
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, warn};
 
 use super::{Shared, copy, is_resource_exhaustion};
@@ -13,12 +14,14 @@ use crate::snapshot::{Backend, BackendId};
 /// Backends tried per connection: the first pick and up to two more.
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// `connecting` is held until the connection has its backend (or has given up), so a
+/// stop takes workers out of rotation only after every accepted client reached one.
 pub(super) async fn handle(
     proxy: &Shared,
     service: &str,
     listen: SocketAddr,
-    client: TcpStream,
-    peer: SocketAddr,
+    (client, peer): (TcpStream, SocketAddr),
+    connecting: TaskTrackerToken,
 ) {
     let started = Instant::now();
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
@@ -53,6 +56,7 @@ pub(super) async fn handle(
                 continue;
             }
         };
+        drop(connecting);
         backend.metrics.connections_total.inc();
         // Small writes (a request line, a keystroke) go out at once, as on a direct connection.
         let _ = client.set_nodelay(true);

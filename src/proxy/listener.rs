@@ -5,13 +5,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::sys::socket::{Backlog, listen};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{Proxy, connection, is_resource_exhaustion};
@@ -25,30 +27,57 @@ pub(super) struct Accept {
     pub limit: Arc<Semaphore>,
     /// Cancelled when a reload closes this address or hands it over: stop at once.
     pub stop: CancellationToken,
-    /// Cancelled when lb stops: accept what is queued, then close.
-    pub finish: CancellationToken,
+    /// Started when lb stops: accept what is queued, then close.
+    pub finish: Finish,
+}
+
+/// lb's stop as one accept loop sees it: the moment to stop taking new clients, and
+/// how long the queued ones may wait for a permit.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Finish {
+    now: CancellationToken,
+    until: Arc<OnceLock<Instant>>,
+}
+
+impl Finish {
+    /// Stops taking new clients; queued ones wait for a permit until `until`.
+    pub(super) fn start(&self, until: Instant) {
+        let _ = self.until.set(until);
+        self.now.cancel();
+    }
+
+    async fn started(&self) {
+        self.now.cancelled().await;
+    }
+
+    fn until(&self) -> Instant {
+        self.until.get().copied().unwrap_or_else(Instant::now)
+    }
 }
 
 /// Pause after running out of file descriptors or memory, instead of spinning on accept.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
 pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
+    // The connections this loop accepted that have no backend yet.
+    let connecting = TaskTracker::new();
     let mut starved = false;
     let held = loop {
         let permit = tokio::select! {
             permit = accept.limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = accept.stop.cancelled() => return,
-            () = accept.finish.cancelled() => break None,
+            () = accept.finish.started() => break None,
         };
         let accepted = tokio::select! {
             accepted = accept.listener.accept() => accepted,
             () = accept.stop.cancelled() => return,
-            () = accept.finish.cancelled() => break Some(permit),
+            () = accept.finish.started() => break Some(permit),
         };
         match accepted {
             Ok((client, peer)) => {
                 starved = false;
-                spawn(&proxy, &accept.service, accept.addr, (client, peer), permit);
+                let this = (&accept.service, accept.addr, &connecting);
+                spawn(&proxy, this, (client, peer), permit);
             }
             Err(err) if is_resource_exhaustion(&err) => {
                 if !starved {
@@ -58,45 +87,60 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
                 tokio::select! {
                     () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
                     () = accept.stop.cancelled() => return,
-                    () = accept.finish.cancelled() => break None,
+                    () = accept.finish.started() => break None,
                 }
             }
             // A client that reset before we accepted it: nothing to do.
             Err(err) => debug!(service = %accept.service, %err, "accept failed"),
         }
     };
-    accept_queued(&proxy, accept, held).await;
+    accept_queued(&proxy, accept, held, &connecting).await;
+    // The loop has ended only once every client it took has reached a backend: the
+    // workers leave rotation after that.
+    connecting.close();
+    connecting.wait().await;
 }
 
 fn spawn(
     proxy: &Proxy,
-    service: &Arc<str>,
-    addr: SocketAddr,
-    (client, peer): (TcpStream, SocketAddr),
+    accept: (&Arc<str>, SocketAddr, &TaskTracker),
+    client: (TcpStream, SocketAddr),
     permit: OwnedSemaphorePermit,
 ) {
+    let (service, addr, connecting) = accept;
     let shared = Arc::clone(&proxy.shared);
     let service = Arc::clone(service);
+    let connecting = connecting.token();
     proxy.tracker.spawn(async move {
-        connection::handle(&shared, &service, addr, client, peer).await;
+        connection::handle(&shared, &service, addr, client, connecting).await;
         drop(permit);
     });
 }
 
 /// Accepts every client the kernel has already queued, as permits allow, then closes the
-/// socket. The backlog shrinks first, so clients that start a handshake now are not
-/// completed (they are refused once the socket closes) while the queue empties.
+/// socket. The backlog shrinks to its least first, so while the queue empties almost no
+/// new handshake completes (Linux still completes one into an empty queue, which the
+/// next accept takes); the clients left in the middle of one are refused once the socket
+/// closes, and retry elsewhere.
 /// Accepting directly from the socket, not through the runtime's readiness, sees the
-/// queue as it is: "would block" means it is empty. Waiting for permits gives up when
-/// the proxy's connections are cancelled (the drain deadline, or a second signal).
-async fn accept_queued(proxy: &Proxy, accept: Accept, mut held: Option<OwnedSemaphorePermit>) {
+/// queue as it is: "would block" means it is empty. Waiting for permits gives up at the
+/// service's drain deadline, or when the proxy's connections are cancelled (a second
+/// signal).
+async fn accept_queued(
+    proxy: &Proxy,
+    accept: Accept,
+    mut held: Option<OwnedSemaphorePermit>,
+    connecting: &TaskTracker,
+) {
     let Accept {
         service,
         addr,
         listener,
         limit,
+        finish,
         ..
     } = accept;
+    let until = finish.until();
     let Ok(listener) = listener.into_std() else {
         return;
     };
@@ -110,6 +154,7 @@ async fn accept_queued(proxy: &Proxy, accept: Accept, mut held: Option<OwnedSema
             None => tokio::select! {
                 permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 () = give_up.cancelled() => return,
+                () = tokio::time::sleep_until(until) => return,
             },
         };
         let accepted = listener.accept().and_then(|(client, peer)| {
@@ -117,7 +162,7 @@ async fn accept_queued(proxy: &Proxy, accept: Accept, mut held: Option<OwnedSema
             Ok((TcpStream::from_std(client)?, peer))
         });
         match accepted {
-            Ok(client) => spawn(proxy, &service, addr, client, permit),
+            Ok(client) => spawn(proxy, (&service, addr, connecting), client, permit),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) if is_resource_exhaustion(&err) => {
                 held = Some(permit);
@@ -129,13 +174,21 @@ async fn accept_queued(proxy: &Proxy, accept: Accept, mut held: Option<OwnedSema
             Err(err) => {
                 held = Some(permit);
                 debug!(service = %service, %err, "accept failed");
-                if !matches!(
-                    err.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) {
+                // accept(2): errors of one pending connection (aborted, protocol or
+                // network errors) call for the next accept; only a broken socket ends it.
+                if is_broken_listener(&err) {
                     return;
                 }
             }
         }
     }
+}
+
+/// Errors that say the listening socket itself is unusable, not one pending connection.
+fn is_broken_listener(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EBADF | Errno::EINVAL | Errno::ENOTSOCK | Errno::EOPNOTSUPP | Errno::EFAULT)
+    )
 }

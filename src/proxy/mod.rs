@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -101,8 +102,8 @@ pub struct ServiceListeners {
 struct AcceptLoop {
     /// Cancelled to stop accepting at once (a reload closes or hands over the address).
     stop: CancellationToken,
-    /// Cancelled to stop taking new clients but serve those already queued (lb's stop).
-    finish: CancellationToken,
+    /// Started to stop taking new clients but serve those already queued (lb's stop).
+    finish: listener::Finish,
     task: JoinHandle<()>,
     /// A second descriptor of the listening socket, so a reload can hand the address to
     /// another service; `None` if the process was out of descriptors when it started.
@@ -121,7 +122,7 @@ impl ServiceListeners {
 
     /// Starts accepting on a bound listener.
     pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) {
-        let (stop, finish) = (CancellationToken::new(), CancellationToken::new());
+        let (stop, finish) = (CancellationToken::new(), listener::Finish::default());
         let socket = listener.as_fd().try_clone_to_owned().ok();
         let accept = listener::Accept {
             service: Arc::clone(&self.service),
@@ -164,14 +165,14 @@ impl ServiceListeners {
     }
 
     /// Stops taking new clients on every address; each loop still accepts the clients
-    /// whose handshake the kernel completed (as `max_connections` allows, until the
-    /// proxy's connections are cancelled), then closes its socket. The handles end when
-    /// their loop has.
-    pub fn close_gracefully(&mut self) -> Vec<JoinHandle<()>> {
+    /// whose handshake the kernel completed (as `max_connections` allows, until `until`
+    /// or until the proxy's connections are cancelled), then closes its socket. The
+    /// handles end when their loop has.
+    pub fn close_gracefully(&mut self, until: Instant) -> Vec<JoinHandle<()>> {
         self.loops
             .drain()
             .map(|(_, accept_loop)| {
-                accept_loop.finish.cancel();
+                accept_loop.finish.start(until);
                 accept_loop.task
             })
             .collect()

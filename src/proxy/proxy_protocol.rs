@@ -162,14 +162,24 @@ mod tests {
         let h6 = header(ProxyProtocol::V2, "[2001:db8::1]:1", "[::1]:2");
         assert_eq!(h6.len(), 16 + 36);
         assert_eq!(&h6[12..16], &[0x21, 0x21, 0, 36]);
-        assert_eq!(&h6[16..32], &"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            &h6[16..32],
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
         assert_eq!(&h6[48..52], &[0, 1, 0, 2]);
     }
 
     #[test]
     fn mapped_ipv4_clients_are_sent_as_ipv4() {
         assert_eq!(
-            header(ProxyProtocol::V1, "[::ffff:10.0.0.9]:5", "[::ffff:10.0.0.1]:80"),
+            header(
+                ProxyProtocol::V1,
+                "[::ffff:10.0.0.9]:5",
+                "[::ffff:10.0.0.1]:80"
+            ),
             b"PROXY TCP4 10.0.0.9 10.0.0.1 5 80\r\n"
         );
         // A mapped client on a real IPv6 address: both IPv6.

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Supervisor;
 use super::health::{self, Health};
 use super::life::{Input, Life, WorkerId};
-use super::stop::Phase;
-use super::Supervisor;
 use crate::snapshot::BackendId;
 
 impl Supervisor {
@@ -112,7 +111,11 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        let Some(si) = self.services.iter().position(|s| *s.config.name == *w.service) else {
+        let Some(si) = self
+            .services
+            .iter()
+            .position(|s| *s.config.name == *w.service)
+        else {
             return;
         };
         let Some(check) = &self.services[si].config.health_check else {
@@ -146,7 +149,7 @@ impl Supervisor {
             return;
         };
         let out_for = since.elapsed();
-        if out_for <= w.config.ready_timeout || self.phase != Phase::Running {
+        if out_for <= w.config.ready_timeout || !self.phase.keeps_workers() {
             return;
         }
         let Some((si, slot)) = self.slot_of(id) else {

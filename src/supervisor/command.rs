@@ -41,8 +41,8 @@ pub enum Command {
     },
     /// `GET /status`.
     Status { reply: oneshot::Sender<Status> },
-    /// SIGTERM/SIGINT; a second one, or `fast`, stops at once.
-    Stop { fast: bool },
+    /// SIGTERM/SIGINT: a graceful stop; a second one stops at once.
+    Stop,
 }
 
 /// Why a request to the supervisor failed; the admin API maps each to an HTTP status.
@@ -80,19 +80,42 @@ pub(super) fn answer(reply: Option<Reply>, result: Result<String, CommandError>)
     }
 }
 
+/// Builds a command from the config file as it is now.
+type Make = Box<dyn FnOnce(Loaded) -> Command + Send>;
+
 /// The sending half of the supervisor's inbox, for signals and the admin API.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     tx: mpsc::UnboundedSender<Event>,
-    config_path: Arc<Path>,
+    /// To the one task that reads the config file for commands, in the order asked.
+    loads: mpsc::UnboundedSender<Make>,
 }
 
 impl Inbox {
+    /// Also starts the task that reads `config_path` for commands: one read at a time,
+    /// so two reloads asked in a row apply in that order.
     pub(super) fn new(tx: mpsc::UnboundedSender<Event>, config_path: &Path) -> Self {
-        Inbox {
-            tx,
-            config_path: config_path.into(),
-        }
+        let (loads, mut todo) = mpsc::unbounded_channel::<Make>();
+        let (events, path) = (tx.clone(), Arc::<Path>::from(config_path));
+        tokio::spawn(async move {
+            while let Some(make) = todo.recv().await {
+                let file = Arc::clone(&path);
+                let loaded = tokio::task::spawn_blocking(move || config::load(&file))
+                    .await
+                    .unwrap_or_else(|err| {
+                        Err(ConfigErrors(vec![ConfigError {
+                            file: path.display().to_string(),
+                            position: None,
+                            path: String::new(),
+                            message: format!("could not be read: {err}"),
+                        }]))
+                    });
+                if events.send(Event::Command(make(Box::new(loaded)))).is_err() {
+                    return;
+                }
+            }
+        });
+        Inbox { tx, loads }
     }
 
     /// Sends a command; false once the supervisor has stopped.
@@ -100,23 +123,9 @@ impl Inbox {
         self.tx.send(Event::Command(command)).is_ok()
     }
 
-    /// Reads the config file on a blocking thread, then sends the command `make` builds
-    /// from it.
+    /// Reads the config file off the supervisor's task, then sends the command `make`
+    /// builds from it.
     pub fn with_config(&self, make: impl FnOnce(Loaded) -> Command + Send + 'static) {
-        let inbox = self.clone();
-        tokio::spawn(async move {
-            let path = Arc::clone(&inbox.config_path);
-            let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-                .await
-                .unwrap_or_else(|err| {
-                    Err(ConfigErrors(vec![ConfigError {
-                        file: inbox.config_path.display().to_string(),
-                        position: None,
-                        path: String::new(),
-                        message: format!("could not be read: {err}"),
-                    }]))
-                });
-            inbox.send(make(Box::new(loaded)));
-        });
+        let _ = self.loads.send(Box::new(make));
     }
 }

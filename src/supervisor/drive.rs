@@ -34,17 +34,41 @@ impl Supervisor {
     }
 
     /// Takes a worker out of rotation for good: it is told to let its connections go,
-    /// drains them, then stops.
+    /// drains them for its `drain_timeout`, then stops.
     pub(super) fn retire(&mut self, id: WorkerId, reason: &'static str) {
+        if let Some(w) = self.workers.get(&id) {
+            let until = Instant::now() + w.config.drain_timeout;
+            self.retire_until(id, reason, until);
+        }
+    }
+
+    /// As [`Self::retire`], with its connections closed at `until`.
+    pub(super) fn retire_until(&mut self, id: WorkerId, reason: &'static str, until: Instant) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         if w.leaving() {
             return;
         }
-        w.leaving = Some(reason);
+        w.leave_reason = Some(reason);
         info!(service = %w.service, worker = w.slot, pid = %w.pid, %reason, connections = w.backend.stats.active(), "worker out of rotation, draining");
-        self.drive(id, Input::Retire);
+        self.drive(id, Input::Retire { until });
+    }
+
+    /// A worker's deadline passed: SIGKILL if it was stopping.
+    pub(super) fn deadline(&mut self, id: WorkerId, at: Instant) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        if w.life
+            == (Life::Stopping {
+                until: at,
+                killed: false,
+            })
+        {
+            warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker did not stop within stop_timeout; killing it");
+        }
+        self.drive(id, Input::Deadline(at));
     }
 
     /// A draining worker has no connection left, or its deadline passed.
@@ -79,24 +103,25 @@ impl Supervisor {
                 w.probe = CancellationToken::new();
                 let (addr, token) = (w.backend.addr, w.probe.clone());
                 let proxy = svc.config.proxy_protocol;
-                probe::until_up(id, addr, RECHECK_INTERVAL, None, proxy, token, self.tx.clone());
+                probe::until_up(
+                    id,
+                    addr,
+                    RECHECK_INTERVAL,
+                    None,
+                    proxy,
+                    token,
+                    self.tx.clone(),
+                );
             }
             Effect::CancelProbe => w.probe.cancel(),
-            Effect::SendDrain { timeout_ms } => {
-                let drain = serde_json::json!({ "lb": "drain", "timeout_ms": timeout_ms });
-                w.channel.send(&Message::new(&drain));
-            }
+            // Sent once the snapshot without it is published: an app that stops
+            // accepting on it must no longer be picked.
+            Effect::SendDrain { timeout_ms } => self.drain_messages.push((id, timeout_ms)),
             Effect::WatchDrain { until } => {
                 watch_drain(Arc::clone(&w.backend.stats), until, id, self.tx.clone());
             }
             Effect::CloseConnections => w.backend.close.cancel(),
             Effect::Signal(signal) => {
-                if signal == Signal::SIGKILL
-                    && matches!(w.life, Life::Stopping { .. } | Life::Lingering { .. })
-                    && w.leaving.is_some()
-                {
-                    warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker did not stop within stop_timeout; killing it");
-                }
                 worker::signal_group(w.pid, signal);
                 orphans::signal(Arc::clone(&w.service), w.backend.addr.port(), w.pid, signal);
             }
@@ -106,6 +131,11 @@ impl Supervisor {
                 self.watch_groups();
             }
             Effect::Forget => {
+                // Still its slot's worker: lb gave up waiting for it to be reaped (stuck
+                // in the kernel after SIGKILL); the slot must not stay empty for good.
+                if let Some((si, slot)) = self.slot_of(id) {
+                    self.slot_lost(si, slot, id, None);
+                }
                 if let Some(w) = self.workers.remove(&id) {
                     w.probe.cancel();
                     self.watchdog.reaped(w.pid);
@@ -113,6 +143,17 @@ impl Supervisor {
                     // goes with it.
                     orphans::signal(w.service, w.backend.addr.port(), w.pid, Signal::SIGKILL);
                 }
+            }
+        }
+    }
+
+    /// Sends the drain messages of workers that have just left rotation; called once the
+    /// snapshot without them is published.
+    pub(super) fn send_drain_messages(&mut self) {
+        for (id, timeout_ms) in std::mem::take(&mut self.drain_messages) {
+            if let Some(w) = self.workers.get(&id) {
+                let drain = serde_json::json!({ "lb": "drain", "timeout_ms": timeout_ms });
+                w.channel.send(&Message::new(&drain));
             }
         }
     }

@@ -61,8 +61,9 @@ pub(super) enum Input {
     Refused,
     /// Its health checks failed `fall` times in a row.
     Unhealthy,
-    /// Take it out of rotation for good: rollout, scale-down, removal, lb's stop.
-    Retire,
+    /// Take it out of rotation for good (rollout, scale-down, removal, lb's stop); its
+    /// connections may finish until `until`.
+    Retire { until: Instant },
     /// Its open connections are gone, or its drain deadline passed.
     Drained,
     /// Stop it at once (a replacement that failed or is no longer wanted).
@@ -118,8 +119,8 @@ pub(super) struct Worker {
     /// When it first became ready.
     pub ready_at: Option<Instant>,
     pub life: Life,
-    /// Why it left rotation (`rollout`, `scale`, `removed`, `replaced`, `stop`, …).
-    pub leaving: Option<&'static str>,
+    /// Why it left rotation (`rollout`, `scale`, `removed`, `health`, `stop`).
+    pub leave_reason: Option<&'static str>,
     /// Cancels its readiness or recheck probe, and its health checks.
     pub probe: CancellationToken,
     /// What its health checks say, once it is ready.
@@ -167,15 +168,11 @@ impl Worker {
 
 /// The settings a transition reads.
 pub(super) trait Timing {
-    fn drain_timeout(&self) -> Duration;
     fn stop_signal(&self) -> Signal;
     fn stop_timeout(&self) -> Duration;
 }
 
 impl Timing for WorkersConfig {
-    fn drain_timeout(&self) -> Duration {
-        self.drain_timeout
-    }
     fn stop_signal(&self) -> Signal {
         self.stop_signal
     }
@@ -217,9 +214,9 @@ pub(super) fn transition(
         (L::Ready, Input::Refused) => (L::Refused { since: now }, vec![E::Recheck]),
         // Its checks go on and bring it back.
         (L::Ready, Input::Unhealthy) => (L::Refused { since: now }, Vec::new()),
-        (L::Starting | L::Ready | L::Refused { .. }, Input::Retire) => {
-            let until = now + cfg.drain_timeout();
-            let timeout_ms = u64::try_from(cfg.drain_timeout().as_millis()).unwrap_or(u64::MAX);
+        (L::Starting | L::Ready | L::Refused { .. }, Input::Retire { until }) => {
+            let left = until.saturating_duration_since(now);
+            let timeout_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
             (
                 L::Draining { until },
                 vec![
@@ -268,8 +265,20 @@ pub(super) fn transition(
             (L::Lingering { until, killed }, vec![E::WatchGroup])
         }
         (_, Input::Kill) => kill(now + KILL_GRACE),
-        // Exited unasked (a crash, or an app that quit after the drain message): its
-        // group goes with it, since nothing is shutting down on purpose there.
+        // It quit on its own while draining (the drain message told it to): the rest of
+        // its group may still be finishing, and gets its stop_timeout, as if asked.
+        (L::Draining { .. }, Input::Exited { group_alive: true }) => {
+            let until = now + cfg.stop_timeout();
+            (
+                L::Lingering {
+                    until,
+                    killed: false,
+                },
+                vec![E::CloseConnections, E::WatchGroup, E::DeadlineAt(until)],
+            )
+        }
+        // Exited unasked, in rotation or starting (a crash): its group goes with it,
+        // since nothing there is shutting down on purpose.
         (_, Input::Exited { .. }) => (
             life,
             vec![E::CancelProbe, E::Signal(Signal::SIGKILL), E::Forget],
@@ -286,9 +295,6 @@ mod tests {
 
     struct Cfg;
     impl Timing for Cfg {
-        fn drain_timeout(&self) -> Duration {
-            Duration::from_secs(30)
-        }
         fn stop_signal(&self) -> Signal {
             Signal::SIGINT
         }
@@ -330,7 +336,7 @@ mod tests {
     fn retiring_sends_the_drain_message_with_its_own_deadline() {
         let now = Instant::now();
         let until = now + Duration::from_secs(30);
-        let (life, effects) = step(Life::Ready, Input::Retire, now);
+        let (life, effects) = step(Life::Ready, Input::Retire { until }, now);
         assert_eq!(life, Life::Draining { until });
         assert_eq!(
             effects,
@@ -342,7 +348,15 @@ mod tests {
         );
         // A late probe result does not bring a draining worker back.
         assert_eq!(step(life, Input::Ready, now).0, life);
-        assert_eq!(step(life, Input::Retire, now), (life, vec![]));
+        assert_eq!(step(life, Input::Retire { until }, now), (life, vec![]));
+        // Retired with part of its drain time already spent (lb's stop counts it from
+        // when the listeners closed), the message says what is left.
+        let (_, effects) = step(
+            Life::Ready,
+            Input::Retire { until },
+            now + Duration::from_secs(12),
+        );
+        assert_eq!(effects[1], Effect::SendDrain { timeout_ms: 18_000 });
     }
 
     #[test]
@@ -405,12 +419,7 @@ mod tests {
     #[test]
     fn exiting_unasked_takes_the_group_with_it() {
         let now = Instant::now();
-        for life in [
-            Life::Starting,
-            Life::Ready,
-            Life::Refused { since: now },
-            Life::Draining { until: now },
-        ] {
+        for life in [Life::Starting, Life::Ready, Life::Refused { since: now }] {
             let (_, effects) = step(life, Input::Exited { group_alive: true }, now);
             assert_eq!(
                 effects,
@@ -421,6 +430,30 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn a_draining_app_that_quits_leaves_its_group_its_stop_timeout() {
+        let now = Instant::now();
+        let draining = Life::Draining { until: now };
+        let until = now + Duration::from_secs(10);
+        let (life, effects) = step(draining, Input::Exited { group_alive: true }, now);
+        assert_eq!(
+            life,
+            Life::Lingering {
+                until,
+                killed: false
+            }
+        );
+        assert!(!effects.contains(&Effect::Signal(Signal::SIGKILL)));
+        assert_eq!(
+            step(draining, Input::Exited { group_alive: false }, now).1,
+            vec![
+                Effect::CancelProbe,
+                Effect::Signal(Signal::SIGKILL),
+                Effect::Forget
+            ]
+        );
     }
 
     #[test]

@@ -15,7 +15,6 @@ use super::health::Health;
 use super::life::{Input, Life, Worker, WorkerId};
 use super::rolling::View;
 use super::service::{ServiceState, Slot, StaticBackend, worker_backend};
-use super::stop::Phase;
 use super::{Event, ExitStatus, Supervisor, WorkerState, probe, worker};
 use crate::channel::{self, Channel};
 use crate::config::{BackendSpec, ReadyCheck, ServiceConfig, WorkersConfig};
@@ -178,7 +177,7 @@ impl Supervisor {
             started: Instant::now(),
             ready_at: None,
             life: Life::Starting,
-            leaving: None,
+            leave_reason: None,
             probe,
             health: Health::default(),
             dropped: 0,
@@ -204,15 +203,14 @@ impl Supervisor {
             return;
         };
         let w = &self.workers[&id];
-        let (service, slot) = (Arc::clone(&w.service), w.slot);
-        let (uptime, leaving) = (w.started.elapsed(), w.leaving());
+        let (service, slot, leaving) = (Arc::clone(&w.service), w.slot, w.leaving());
         if self.rollout.replacing(id).is_some() {
             let reason =
                 format!("replacement for {service}/{slot} exited ({status}) before it was ready");
             let effects = self.rollout.exited(id, reason);
             self.carry_out(effects);
         } else if let Some((si, slot)) = self.slot_of(id) {
-            self.slot_lost(si, slot, id, status, uptime);
+            self.slot_lost(si, slot, id, Some(status));
         } else if leaving {
             info!(%service, worker = slot, %pid, %status, "retired worker stopped");
         }
@@ -220,20 +218,24 @@ impl Supervisor {
         self.drive(id, Input::Exited { group_alive });
     }
 
-    /// The worker of a slot exited: out of rotation at once, then restarted with
-    /// backoff, unless lb is stopping or a replacement is about to take the slot.
-    fn slot_lost(
+    /// The worker of a slot exited (`status`), or lb gave up waiting for it to (None):
+    /// out of rotation at once, then restarted with backoff, unless lb is stopping or a
+    /// replacement is about to take the slot.
+    pub(super) fn slot_lost(
         &mut self,
         si: usize,
         slot: usize,
         id: WorkerId,
-        status: ExitStatus,
-        uptime: Duration,
+        status: Option<ExitStatus>,
     ) {
         let name = self.services[si].config.name.clone();
-        let pid = self.workers[&id].pid;
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let (pid, uptime) = (w.pid, w.started.elapsed());
+        let status = status.map_or("not reaped after SIGKILL".to_owned(), |s| s.to_string());
         self.services[si].slots[slot].worker = None;
-        if self.phase != Phase::Running {
+        if !self.phase.keeps_workers() {
             self.services[si].slots[slot].idle_state = WorkerState::Stopped;
             info!(service = %name, worker = slot, %pid, %status, "worker stopped");
             return;
@@ -276,7 +278,7 @@ impl Supervisor {
         else {
             return;
         };
-        if self.phase != Phase::Running
+        if !self.phase.keeps_workers()
             || s.worker.is_some()
             || self.rollout.starting_for(service, slot)
         {

@@ -7,9 +7,11 @@
 //! Each worker process is one [`life::Worker`] record, addressed by its id, whose
 //! transitions are plain functions from (state, input) to (state, effects); a rollout is
 //! the [`rollout::Rollout`] state machine, built the same way. The files beside this one
-//! carry out those effects, one concern each: `lifecycle.rs` (spawning, readiness,
-//! exits, restarts), `rolling.rs` (a rollout's effects and restarts), `reload.rs`
-//! (applying a changed config) and `stop.rs` (lb's own graceful stop).
+//! carry out those effects, one concern each: `drive.rs` (a worker's life effects:
+//! signals, drains, deadlines), `lifecycle.rs` (spawning, readiness, exits, restarts),
+//! `checks.rs` (health checks), `rolling.rs` (a rollout's effects and restarts),
+//! `reload.rs` (applying a changed config), `stop.rs` (lb's own graceful stop) and
+//! `orphans.rs` (processes a worker left outside its group).
 
 mod backoff;
 mod checks;
@@ -73,9 +75,15 @@ enum Event {
         status: ExitStatus,
     },
     /// A probe of a backend finished: it accepts connections, or its deadline passed.
-    Probe { id: BackendId, ok: bool },
+    Probe {
+        id: BackendId,
+        ok: bool,
+    },
     /// A health check of a backend finished.
-    Health { id: BackendId, ok: bool },
+    Health {
+        id: BackendId,
+        ok: bool,
+    },
     /// A crashed worker's backoff delay has passed.
     RestartDue {
         service: String,
@@ -116,8 +124,11 @@ enum Event {
     },
     /// lb is stopping: `shutdown_delay` has passed.
     DelayOver,
-    /// lb is stopping: every listener has accepted what the kernel had queued and closed.
-    ListenersClosed,
+    /// lb is stopping: a service's listeners have accepted what the kernel had queued,
+    /// and closed.
+    ListenersClosed {
+        service: String,
+    },
     /// lb is stopping: the longest drain time has passed.
     DrainDeadline,
     /// lb is stopping: every proxied connection has ended.
@@ -149,6 +160,8 @@ pub struct Supervisor {
     phase: Phase,
     /// A `GroupCheck` timer is set.
     checking_groups: bool,
+    /// Drain messages to send once the next snapshot is published.
+    drain_messages: Vec<(WorkerId, u64)>,
     watchdog: Watchdog,
     metrics: Metrics,
     feed_runs: feed::FeedRuns,
@@ -187,6 +200,7 @@ impl Supervisor {
             next_id: 0,
             phase: Phase::Running,
             checking_groups: false,
+            drain_messages: Vec::new(),
             watchdog,
             metrics,
             feed_runs: feed::FeedRuns::default(),
@@ -273,7 +287,7 @@ impl Supervisor {
                 error,
             } => self.feed_output(&service, values, error),
             Event::Drained { id } => self.drained(id),
-            Event::Deadline { id, at } => self.drive(id, life::Input::Deadline(at)),
+            Event::Deadline { id, at } => self.deadline(id, at),
             Event::GroupCheck => self.check_groups(),
             Event::WatchOver { id } => {
                 let effects = self.rollout.watch_over(
@@ -284,7 +298,7 @@ impl Supervisor {
                 self.carry_out(effects);
             }
             Event::DelayOver => self.delay_over(),
-            Event::ListenersClosed => self.listeners_closed(),
+            Event::ListenersClosed { service } => self.listeners_closed(&service),
             Event::DrainDeadline => self.drain_deadline(),
             Event::ConnectionsDone => self.connections_done(),
         }
@@ -309,7 +323,7 @@ impl Supervisor {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Command::Stop { fast } => self.stop(fast),
+            Command::Stop => self.stop(),
         }
     }
 
@@ -336,8 +350,8 @@ impl Supervisor {
         self.next_id
     }
 
-    /// Builds the snapshot of every service's ready backends and swaps it in, and
-    /// updates the gauges that follow worker states.
+    /// Builds the snapshot of every service's ready backends and swaps it in, updates
+    /// the gauges that follow worker states, then tells the workers that left rotation.
     fn publish(&mut self) {
         let mut snapshot = Snapshot {
             stopping: self.phase != Phase::Running,
@@ -352,5 +366,6 @@ impl Supervisor {
         }
         self.snapshots.publish(snapshot);
         self.export_gauges();
+        self.send_drain_messages();
     }
 }

@@ -30,7 +30,8 @@ pub(super) fn until_up(
     tokio::spawn(async move {
         let probe = async {
             loop {
-                let attempt = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, health::connect(addr, proxy));
+                let attempt =
+                    tokio::time::timeout(PROBE_CONNECT_TIMEOUT, health::connect(addr, proxy));
                 if let Ok(Ok(_)) = attempt.await {
                     return true;
                 }

@@ -212,7 +212,7 @@ impl Supervisor {
                 let empty = si
                     .and_then(|si| self.services[si].slots.get(slot))
                     .is_some_and(|s| s.worker.is_none());
-                if let (Some(si), true, Phase::Running) = (si, empty, self.phase) {
+                if let (Some(si), true, true) = (si, empty, self.phase.keeps_workers()) {
                     let delay = self.restart_later(si, slot, std::time::Duration::ZERO);
                     warn!(%service, worker = slot, restart_in = ?delay, "slot left without a worker; restarting it");
                 }

@@ -122,6 +122,7 @@ pub(super) struct Rollout {
 struct Step {
     service: String,
     slot: usize,
+    why: Why,
     worker: Option<WorkerId>,
 }
 
@@ -178,8 +179,17 @@ impl Rollout {
         for target in targets {
             let starting = self
                 .step
-                .as_ref()
-                .is_some_and(|s| s.service == target.service && s.slot == target.slot);
+                .as_mut()
+                .filter(|s| s.service == target.service && s.slot == target.slot);
+            // A restart of the slot starting now makes its step a restart's too, so a
+            // reload that outdates the replacement does not cancel the restart.
+            let starting = starting
+                .map(|s| {
+                    if target.why == Why::Restart {
+                        s.why = Why::Restart;
+                    }
+                })
+                .is_some();
             let queued = self
                 .queue
                 .iter_mut()
@@ -213,6 +223,7 @@ impl Rollout {
             self.step = Some(Step {
                 service: target.service.clone(),
                 slot: target.slot,
+                why: target.why,
                 worker: None,
             });
             return vec![Effect::Spawn {
@@ -322,8 +333,9 @@ impl Rollout {
     }
 
     /// Gives up this step's replacement if it is for `service` at `from_slot` or above:
-    /// scaled down, removed, or started with settings a reload no longer wants. The
-    /// caller resumes the rollout once its change is applied.
+    /// scaled down, removed, or started with settings a reload no longer wants. A slot a
+    /// restart asked for goes back to the front of the queue (it is skipped if it is
+    /// gone). The caller resumes the rollout once its change is applied.
     pub(super) fn drop_step(&mut self, service: &str, from_slot: usize) -> Vec<Effect> {
         let Some(step) = self
             .step
@@ -331,16 +343,14 @@ impl Rollout {
         else {
             return Vec::new();
         };
-        let mut effects: Vec<Effect> = step
-            .worker
-            .map(|worker| Effect::Discard { worker })
-            .into_iter()
-            .collect();
-        effects.push(Effect::Refill {
-            service: step.service,
-            slot: step.slot,
-        });
-        effects
+        if step.why == Why::Restart {
+            self.queue.push_front(Target {
+                service: step.service.clone(),
+                slot: step.slot,
+                why: Why::Restart,
+            });
+        }
+        abandon(step)
     }
 
     /// lb is stopping: no more replacements; everyone waiting is told so.
@@ -363,9 +373,12 @@ impl Rollout {
         effects
     }
 
+    /// Ends the rollout on a failure. A replacement still starting for the next slot
+    /// (the failure was an earlier replacement's, within its watch) is stopped.
     fn halt(&mut self, reason: String) -> Vec<Effect> {
         let rollout = std::mem::take(self);
-        let mut effects = vec![
+        let mut effects = rollout.step.map(abandon).unwrap_or_default();
+        effects.extend([
             Effect::Halted {
                 reason: reason.clone(),
                 remaining: rollout.queue.len(),
@@ -374,7 +387,7 @@ impl Rollout {
                 waiters: rollout.waiters,
                 result: Err(CommandError::Failed(format!("rollout halted: {reason}"))),
             },
-        ];
+        ]);
         if let Some((scope, waiters)) = rollout.pending {
             effects.push(Effect::Restart { scope, waiters });
         }
@@ -404,6 +417,21 @@ impl Rollout {
         }
         effects
     }
+}
+
+/// Stops a step's replacement, if it was started, and lets its slot restart if it has
+/// lost its worker meanwhile.
+fn abandon(step: Step) -> Vec<Effect> {
+    let mut effects: Vec<Effect> = step
+        .worker
+        .map(|worker| Effect::Discard { worker })
+        .into_iter()
+        .collect();
+    effects.push(Effect::Refill {
+        service: step.service,
+        slot: step.slot,
+    });
+    effects
 }
 
 #[cfg(test)]
@@ -518,9 +546,12 @@ mod tests {
         r.ready(10, now, WATCH, &world);
         r.spawned(11);
         let effects = r.exited(10, "exited".into());
-        assert_eq!(say(&effects), ["halted 1", "answer 1 false"]);
+        // The next slot's replacement, starting meanwhile, is stopped with it.
+        assert_eq!(
+            say(&effects),
+            ["discard 11", "refill web/1", "halted 1", "answer 1 false"]
+        );
         assert!(!r.active());
-        // The replacement that was starting is no longer the rollout's.
         assert_eq!(r.replacing(11), None);
     }
 
@@ -620,9 +651,38 @@ mod tests {
         world.slots.remove(&("web".into(), 1));
         world.slots.remove(&("web".into(), 2));
         assert_eq!(say(&r.drop_step("web", 1)), ["discard 11", "refill web/1"]);
+        // Slot 1 goes back to the queue, and is skipped now that it is gone.
         // A stale slot queued by the same reload is taken next.
         world.stale.insert(("web".into(), 0));
         r.queue(vec![stale("web", 0)], now);
+        assert_eq!(say(&r.advance(now, &world)), ["spawn web/0"]);
+    }
+
+    #[test]
+    fn a_restart_of_a_slot_whose_stale_replacement_starts_survives_a_reverted_reload() {
+        let mut world = World::new("web", 1);
+        world.stale.insert(("web".into(), 0));
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.queue(vec![stale("web", 0)], now);
+        r.advance(now, &world);
+        r.spawned(10);
+        // `lb restart` after the reload that queued it: the step becomes a restart's.
+        r.begin(restart("web", 0..1), Vec::new(), now, &world);
+        world.stale.clear();
+        assert_eq!(say(&r.drop_step("web", 0)), ["discard 10", "refill web/0"]);
+        assert_eq!(say(&r.advance(now, &world)), ["spawn web/0"]);
+    }
+
+    #[test]
+    fn a_slot_a_restart_asked_for_is_still_replaced_after_a_reverted_reload() {
+        let world = World::new("web", 2);
+        let now = Instant::now();
+        let mut r = Rollout::default();
+        r.begin(restart("web", 0..2), Vec::new(), now, &world);
+        r.spawned(10);
+        // A reload made slot 0's replacement outdated: it is dropped, not the restart.
+        assert_eq!(say(&r.drop_step("web", 0)), ["discard 10", "refill web/0"]);
         assert_eq!(say(&r.advance(now, &world)), ["spawn web/0"]);
     }
 

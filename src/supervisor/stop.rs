@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::life::Input;
+use super::life::{Input, Life};
 use super::{Event, Supervisor};
 use crate::config::STATIC_DRAIN_TIMEOUT;
 
@@ -26,8 +26,12 @@ pub(super) enum Phase {
     Running,
     /// `/healthz` answers 503; listeners accept until `shutdown_delay` passes.
     Leaving,
-    /// Listeners accept only what the kernel has queued, then close.
-    Closing,
+    /// Listeners accept only what the kernel has queued, then close; every drain
+    /// deadline counts from `since`; `open` services still have a listener.
+    Closing {
+        since: Instant,
+        open: usize,
+    },
     /// Listeners closed; workers drain and stop, connections finish.
     Draining {
         connections_done: bool,
@@ -36,9 +40,19 @@ pub(super) enum Phase {
     Killing,
 }
 
+impl Phase {
+    /// Whether a worker that exits is restarted: as long as lb still takes clients.
+    pub(super) fn keeps_workers(self) -> bool {
+        matches!(
+            self,
+            Phase::Running | Phase::Leaving | Phase::Closing { .. }
+        )
+    }
+}
+
 impl Supervisor {
-    pub(super) fn stop(&mut self, fast: bool) {
-        if fast || self.phase != Phase::Running {
+    pub(super) fn stop(&mut self) {
+        if self.phase != Phase::Running {
             info!("stopping now: closing connections and killing workers");
             self.kill_all();
             return;
@@ -63,38 +77,70 @@ impl Supervisor {
         }
     }
 
-    /// Stops every listener; each accepts what is already queued, then closes. The
-    /// longest drain time starts now.
+    /// Stops every listener; each accepts what is already queued (for at most its
+    /// service's drain time), then closes. The longest drain time starts now.
     fn close_listeners(&mut self) {
-        self.phase = Phase::Closing;
+        let since = Instant::now();
+        self.phase = Phase::Closing {
+            since,
+            open: self.services.len(),
+        };
         let drain = self.longest_drain();
         info!(connections = self.proxy.tracker.len(), drain_timeout = ?drain, "stopping: listeners closed to new clients; serving the queued and open connections");
-        let closing: Vec<_> = self
-            .services
-            .iter_mut()
-            .flat_map(|svc| svc.listeners.close_gracefully())
-            .collect();
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            for accept_loop in closing {
-                let _ = accept_loop.await;
-            }
-            let _ = tx.send(Event::ListenersClosed);
-        });
+        for svc in &mut self.services {
+            let closing = svc
+                .listeners
+                .close_gracefully(since + svc.config.drain_timeout());
+            let (tx, service) = (self.tx.clone(), svc.config.name.clone());
+            tokio::spawn(async move {
+                for accept_loop in closing {
+                    let _ = accept_loop.await;
+                }
+                let _ = tx.send(Event::ListenersClosed { service });
+            });
+        }
         self.after(drain, Event::DrainDeadline);
+        self.all_listeners_closed();
     }
 
-    /// Every queued client is accepted: the workers leave rotation and drain.
-    pub(super) fn listeners_closed(&mut self) {
-        if self.phase != Phase::Closing {
+    /// Every client queued for `service` is accepted: its workers leave rotation and
+    /// drain, each until its drain time from when lb stopped taking new clients is over,
+    /// so a stop takes no longer than `lb check` says.
+    pub(super) fn listeners_closed(&mut self, service: &str) {
+        let Phase::Closing { since, open } = &mut self.phase else {
             return;
+        };
+        *open = open.saturating_sub(1);
+        let since = *since;
+        let retiring: Vec<_> = self
+            .workers
+            .values()
+            .filter(|w| *w.service == *service)
+            .map(|w| (w.id, since + w.config.drain_timeout))
+            .collect();
+        for (id, until) in retiring {
+            self.retire_until(id, "stop", until);
         }
+        self.all_listeners_closed();
+    }
+
+    /// Once no service has a listener left: every worker drains, connections finish.
+    fn all_listeners_closed(&mut self) {
+        let Phase::Closing { since, open: 0 } = self.phase else {
+            return;
+        };
         self.phase = Phase::Draining {
             connections_done: false,
         };
-        let ids: Vec<_> = self.workers.keys().copied().collect();
-        for id in ids {
-            self.retire(id, "stop");
+        // Workers of no service (removed by a reload, still draining) keep their own
+        // deadlines; any other goes now.
+        let rest: Vec<_> = self
+            .workers
+            .values()
+            .map(|w| (w.id, since + w.config.drain_timeout))
+            .collect();
+        for (id, until) in rest {
+            self.retire_until(id, "stop", until);
         }
         let (tracker, tx) = (self.proxy.tracker.clone(), self.tx.clone());
         tracker.close();
@@ -116,7 +162,7 @@ impl Supervisor {
     pub(super) fn drain_deadline(&mut self) {
         if matches!(
             self.phase,
-            Phase::Closing
+            Phase::Closing { .. }
                 | Phase::Draining {
                     connections_done: false
                 }
@@ -152,7 +198,7 @@ impl Supervisor {
 
     pub(super) fn finished(&self) -> bool {
         match self.phase {
-            Phase::Running | Phase::Leaving | Phase::Closing => false,
+            Phase::Running | Phase::Leaving | Phase::Closing { .. } => false,
             Phase::Draining { connections_done } => connections_done && self.workers.is_empty(),
             Phase::Killing => self.workers.is_empty(),
         }
@@ -162,11 +208,10 @@ impl Supervisor {
     /// service, or of any worker still running older settings.
     fn longest_drain(&self) -> Duration {
         let configured = self.services.iter().map(|s| s.config.drain_timeout());
-        let running = self.workers.values().map(|w| match w.life {
-            super::life::Life::Draining { until } => {
-                until.saturating_duration_since(Instant::now())
-            }
-            _ => w.config.drain_timeout,
+        let running = self.workers.values().filter_map(|w| match w.life {
+            Life::Draining { until } => Some(until.saturating_duration_since(Instant::now())),
+            Life::Starting | Life::Ready | Life::Refused { .. } => Some(w.config.drain_timeout),
+            Life::Stopping { .. } | Life::Lingering { .. } => None,
         });
         configured
             .chain(running)
