@@ -29,6 +29,8 @@ pub struct WorkerStatus {
     pub port: Option<u16>,
     /// `starting`, `ready`, `draining`, `stopped` or `backoff`.
     pub state: String,
+    /// `up` or `down` by its health checks, `unchecked` without `health_check`.
+    pub health: String,
     pub uptime_seconds: Option<f64>,
     pub restarts: u32,
     pub active_connections: usize,
@@ -38,8 +40,10 @@ pub struct WorkerStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
-    /// `ready`, or `down` after a failed connect until it accepts again.
+    /// `ready`, or `down` after a failed connect or failed checks until it is back.
     pub state: String,
+    /// `up` or `down` by its health checks, `unchecked` without `health_check`.
+    pub health: String,
     pub active_connections: usize,
 }
 
@@ -53,6 +57,7 @@ impl Status {
                 "PID",
                 "PORT",
                 "STATE",
+                "HEALTH",
                 "UPTIME",
                 "RESTARTS",
                 "CONNECTIONS",
@@ -67,6 +72,7 @@ impl Status {
                     w.pid.map_or("-".into(), |p| p.to_string()),
                     w.port.map_or("-".into(), |p| p.to_string()),
                     w.state.clone(),
+                    w.health.clone(),
                     w.uptime_seconds.map_or("-".into(), uptime),
                     w.restarts.to_string(),
                     w.active_connections.to_string(),
@@ -79,13 +85,14 @@ impl Status {
                     "-".into(),
                     "-".into(),
                     b.state.clone(),
+                    b.health.clone(),
                     "-".into(),
                     "-".into(),
                     b.active_connections.to_string(),
                 ]);
             }
         }
-        let widths: Vec<usize> = (0..8)
+        let widths: Vec<usize> = (0..9)
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
@@ -128,6 +135,7 @@ mod tests {
                     pid: Some(4242),
                     port: Some(40000),
                     state: "ready".into(),
+                    health: "unchecked".into(),
                     uptime_seconds: Some(125.0),
                     restarts: 1,
                     active_connections: 3,
@@ -139,11 +147,11 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "SERVICE  WORKER  PID   PORT   STATE  UPTIME  RESTARTS  CONNECTIONS"
+            "SERVICE  WORKER  PID   PORT   STATE  HEALTH     UPTIME  RESTARTS  CONNECTIONS"
         );
         assert_eq!(
             lines[1],
-            "web      0       4242  40000  ready  2m 5s   1         3"
+            "web      0       4242  40000  ready  unchecked  2m 5s   1         3"
         );
     }
 }

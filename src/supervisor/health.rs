@@ -98,16 +98,21 @@ pub(super) async fn connect(addr: SocketAddr, proxy: ProxyProtocol) -> std::io::
 }
 
 async fn check_once(addr: SocketAddr, check: &HealthCheck, proxy: ProxyProtocol) -> bool {
-    let Ok(mut stream) = connect(addr, proxy).await else {
+    let Some(path) = &check.path else {
+        return connect(addr, proxy).await.is_ok();
+    };
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
         return false;
     };
-    let Some(path) = &check.path else {
-        return true;
-    };
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n"
+    // The PROXY header and the request in one write, as a client's first bytes would be.
+    let mut request = proxy_protocol::local(proxy).to_vec();
+    request.extend_from_slice(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     );
-    if stream.write_all(request.as_bytes()).await.is_err() {
+    if stream.write_all(&request).await.is_err() {
         return false;
     }
     // The status line is all that matters: `HTTP/1.1 204 No Content`.

@@ -29,15 +29,17 @@ impl Supervisor {
 
     fn service_status(&self, svc: &ServiceState) -> ServiceStatus {
         let name = svc.config.name.as_str();
+        let checked = svc.config.health_check.is_some();
         let mut workers = Vec::new();
         for (slot, s) in svc.slots.iter().enumerate() {
             match s.worker.and_then(|id| self.workers.get(&id)) {
-                Some(w) => workers.push(worker_status(w, s.restarts)),
+                Some(w) => workers.push(worker_status(w, s.restarts, checked)),
                 None => workers.push(WorkerStatus {
                     id: slot,
                     pid: None,
                     port: None,
                     state: s.idle_state.to_string(),
+                    health: health(checked, None),
                     uptime_seconds: None,
                     restarts: s.restarts,
                     active_connections: 0,
@@ -49,7 +51,9 @@ impl Supervisor {
             &*w.service == name && svc.slots.get(w.slot).is_none_or(|s| s.worker != Some(w.id))
         });
         workers.extend(
-            others.map(|w| worker_status(w, svc.slots.get(w.slot).map_or(0, |s| s.restarts))),
+            others.map(|w| {
+                worker_status(w, svc.slots.get(w.slot).map_or(0, |s| s.restarts), checked)
+            }),
         );
         ServiceStatus {
             name: svc.config.name.clone(),
@@ -63,6 +67,7 @@ impl Supervisor {
                     address: s.backend.label.to_string(),
                     weight: s.backend.weight,
                     state: if s.up { "ready" } else { "down" }.to_owned(),
+                    health: health(checked, Some(s.health.up)),
                     active_connections: s.backend.stats.active(),
                 })
                 .collect(),
@@ -126,14 +131,27 @@ impl Supervisor {
     }
 }
 
-fn worker_status(w: &Worker, restarts: u32) -> WorkerStatus {
+fn worker_status(w: &Worker, restarts: u32, checked: bool) -> WorkerStatus {
+    // Checks start once a worker is ready; a starting one has no verdict yet.
+    let verdict = (w.ready_at.is_some() && !w.leaving()).then_some(w.health.up);
     WorkerStatus {
         id: w.slot,
         pid: Some(w.pid.as_raw()),
         port: Some(w.backend.addr.port()),
         state: w.state().to_string(),
+        health: health(checked, verdict),
         uptime_seconds: Some(w.started.elapsed().as_secs_f64()),
         restarts,
         active_connections: w.backend.stats.active(),
     }
+}
+
+/// `up`, `down`, or `unchecked` (no `health_check`, or nothing checked yet).
+fn health(checked: bool, up: Option<bool>) -> String {
+    match (checked, up) {
+        (true, Some(true)) => "up",
+        (true, Some(false)) => "down",
+        _ => "unchecked",
+    }
+    .to_owned()
 }

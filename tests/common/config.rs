@@ -14,6 +14,7 @@
 //! `{ initial: 100ms, max: 200ms }`).
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 /// A whole config file.
 #[derive(Debug, Clone, Default)]
@@ -57,13 +58,14 @@ impl Config {
     }
 }
 
-/// One service with workers.
+/// One service, with workers or with static backends only.
 #[derive(Debug, Clone)]
 pub struct Service {
     name: String,
     listen: Option<String>,
     options: Vec<(String, String)>,
-    command: String,
+    /// The workers' argv as JSON; None for a service of static backends only.
+    command: Option<String>,
     workers: Vec<(String, String)>,
     env: Vec<(String, String)>,
 }
@@ -76,8 +78,21 @@ impl Service {
             name: name.to_owned(),
             listen: None,
             options: Vec::new(),
-            command: r#"["{worker}"]"#.to_owned(),
+            command: Some(r#"["{worker}"]"#.to_owned()),
             workers: vec![("count".to_owned(), "1".to_owned())],
+            env: Vec::new(),
+        }
+    }
+
+    /// A service named `name` with these static backends and no workers.
+    pub fn backends(name: &str, addrs: &[SocketAddr]) -> Service {
+        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        Service {
+            name: name.to_owned(),
+            listen: None,
+            options: vec![("backends".to_owned(), format!("[{}]", list.join(", ")))],
+            command: None,
+            workers: Vec::new(),
             env: Vec::new(),
         }
     }
@@ -96,7 +111,7 @@ impl Service {
 
     /// The workers' argv instead of the test worker.
     pub fn command(mut self, argv: &[&str]) -> Service {
-        self.command = serde_json::to_string(argv).expect("argv as JSON");
+        self.command = Some(serde_json::to_string(argv).expect("argv as JSON"));
         self
     }
 
@@ -130,7 +145,10 @@ impl Service {
         for (key, value) in &self.options {
             let _ = writeln!(out, "    {key}: {value}");
         }
-        let _ = writeln!(out, "    workers:\n      command: {}", self.command);
+        let Some(command) = &self.command else {
+            return;
+        };
+        let _ = writeln!(out, "    workers:\n      command: {command}");
         for (key, value) in &self.workers {
             let _ = writeln!(out, "      {key}: {value}");
         }

@@ -26,6 +26,10 @@
 //!   /dev/null, keeping every other descriptor it inherited (fd 3 too, as a careless
 //!   daemon does); its environment has `LB_TEST_DAEMON=run`, so a test can tell it from
 //!   a process that reused its pid.
+//! - `HEALTH_FILE=path`: a connection whose first bytes are an HTTP `GET` is answered
+//!   `HTTP/1.1 <status>` and closed, `<status>` read from that file each time (200 if
+//!   it is missing): a health endpoint a test can turn bad. Echoing is as usual for
+//!   other connections. A PROXY protocol header before the request is skipped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -203,9 +207,21 @@ fn serve(mut stream: TcpStream, hello: Option<&str>, delay: Duration) {
         return;
     }
     let mut buf = vec![0u8; 64 * 1024];
+    let mut first = true;
     loop {
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => break,
+            Ok(n) if std::mem::take(&mut first) && health_request(&buf[..n]) => {
+                let status = std::env::var("HEALTH_FILE")
+                    .ok()
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                    .map_or("200".to_owned(), |s| s.trim().to_owned());
+                let reply = format!(
+                    "HTTP/1.1 {status} -\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(reply.as_bytes());
+                break;
+            }
             Ok(n) => {
                 std::thread::sleep(delay);
                 if stream.write_all(&buf[..n]).is_err() {
@@ -215,6 +231,26 @@ fn serve(mut stream: TcpStream, hello: Option<&str>, delay: Duration) {
         }
     }
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Whether a connection's first bytes are an HTTP GET (after a PROXY header, if any),
+/// and this worker answers those.
+fn health_request(data: &[u8]) -> bool {
+    if std::env::var_os("HEALTH_FILE").is_none() {
+        return false;
+    }
+    let v2 = b"\r\n\r\n\0\r\nQUIT\n";
+    let rest = if data.starts_with(v2) && data.len() >= 16 {
+        let len = usize::from(u16::from_be_bytes([data[14], data[15]]));
+        data.get(16 + len..).unwrap_or_default()
+    } else if data.starts_with(b"PROXY ") {
+        data.iter()
+            .position(|b| *b == b'\n')
+            .map_or(&[][..], |end| &data[end + 1..])
+    } else {
+        data
+    };
+    rest.starts_with(b"GET ")
 }
 
 /// A blocked signal stays pending until a thread waits for it: as good as ignoring it,
