@@ -115,12 +115,24 @@ impl<S: Service> Future for Transfer<'_, S> {
         let mut this = self.project();
         let mut moved = false;
         let (client, upstream) = (&mut *this.client, &mut *this.upstream);
-        let up = this
-            .to_backend
-            .poll(cx, client, upstream, this.service.to_backend(), &mut moved);
-        let down = this
-            .to_client
-            .poll(cx, upstream, client, this.service.to_client(), &mut moved);
+        let done = this.to_client.flow == Flow::Done;
+        let up = this.to_backend.poll(
+            cx,
+            client,
+            upstream,
+            this.service.to_backend(),
+            done,
+            &mut moved,
+        );
+        let done = this.to_backend.flow == Flow::Done;
+        let down = this.to_client.poll(
+            cx,
+            upstream,
+            client,
+            this.service.to_client(),
+            done,
+            &mut moved,
+        );
         if moved {
             *this.last = Instant::now();
         }
@@ -166,18 +178,28 @@ impl Direction {
     /// Moves bytes from `reader` to `writer` until one of them would block. Every write,
     /// partial or whole, is counted at once and counts as activity: a slow reader that
     /// takes a buffer in small pieces is busy, not idle, and the byte counters are exact
-    /// even for a connection that is cut mid-write.
+    /// even for a connection that is cut mid-write. `other_done`: the opposite direction
+    /// has finished, so this one's EOF ends the transfer.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut TcpStream,
         writer: &mut TcpStream,
         counter: &IntCounter,
+        other_done: bool,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         loop {
             match self.flow {
                 Flow::Done => return Poll::Ready(Ok(())),
+                // With the other direction done too, the transfer ends now and dropping
+                // the writer closes it, which sends the same FIN: its bytes were all read
+                // (that direction reached EOF), so the close cannot turn into a reset.
+                // One `shutdown` call fewer per connection.
+                Flow::Closing if other_done => {
+                    self.flow = Flow::Done;
+                    return Poll::Ready(Ok(()));
+                }
                 Flow::Closing => {
                     ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                     self.flow = Flow::Done;
