@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
-
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};

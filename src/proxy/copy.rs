@@ -165,6 +165,8 @@ struct Direction {
     end: u16,
     flow: Flow,
 }
+
+/// Where a direction is between its first byte and its EOF passed on.
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     #[default]
