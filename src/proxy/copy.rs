@@ -1,140 +1,506 @@
-//! Bidirectional byte copy with half-close, an idle timeout, and byte counts.
+//! Bidirectional byte copy with half-close, an idle timeout and exact byte counts, holding
+//! no buffer while a connection is idle.
+//!
+//! Each read borrows a buffer from a small per-thread pool and writes what it read at
+//! once; when the peer takes everything, the buffer goes straight back to the pool. Only
+//! bytes a peer has not taken yet keep a buffer on the connection, until they drain. An
+//! idle connection therefore costs its task and its two sockets, not two buffers.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
-/// Per direction and connection; allocated once per connection, never per read.
-const BUFFER_SIZE: usize = 16 * 1024;
+/// Bytes per read: HAProxy's default `tune.bufsize`, and the most a direction holds.
+/// Offsets into a buffer are `u16`, which keeps a direction at 16 bytes.
+const CHUNK: usize = 16 * 1024;
+const _: () = assert!(CHUNK <= u16::MAX as usize);
 
-/// The service's byte counters, one per direction.
-pub(super) struct Counters<'a> {
-    pub to_backend: &'a IntCounter,
-    pub to_client: &'a IntCounter,
+/// Free buffers a thread keeps. A read borrows one and usually returns it within the same
+/// poll, so a few cover every connection a thread serves; more would only be memory kept
+/// after a burst of slow peers.
+const POOL_CAP: usize = 8;
+
+/// A thin pointer, so a direction that holds nothing costs 8 bytes.
+type Buffer = Box<[u8; CHUNK]>;
+
+thread_local! {
+    static POOL: RefCell<Vec<Buffer>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Copies both ways until both sides are done. One side's EOF shuts down the other side's
-/// write half, so a half-closed client still receives the backend's reply. A side that
-/// fails (a reset) makes lb reset the other side too, as a direct connection would have
-/// shown it, rather than end it with a FIN that passes a cut-off stream for a whole one.
-pub(super) async fn bidirectional(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    idle: Duration,
-    counters: Counters<'_>,
-) -> io::Result<()> {
-    let result = copy(&mut client, &mut upstream, idle, counters).await;
-    if let Err(err) = &result
-        && err.kind() != io::ErrorKind::TimedOut
-    {
-        let _ = client.set_zero_linger();
-        let _ = upstream.set_zero_linger();
+/// A buffer from this thread's pool, or a new one when every pooled buffer is held by a
+/// connection whose peer is slow.
+fn take() -> Buffer {
+    POOL.with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_else(|| {
+            vec![0; CHUNK]
+                .into_boxed_slice()
+                .try_into()
+                .expect("the vector has CHUNK bytes")
+        })
+}
+
+/// Returns a drained buffer to this thread's pool (which may not be the thread that took
+/// it: tasks move between threads), or frees it if the pool is full.
+fn give_back(buf: Buffer) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_CAP {
+            pool.push(buf);
+        }
+    });
+}
+
+/// What a transfer reads from its service: the idle timeout and one byte counter per
+/// direction. A transfer keeps one reference to it instead of three fields.
+pub(super) trait Service {
+    fn idle(&self) -> Duration;
+    /// Bytes from the client to the backend (`direction="in"`).
+    fn to_backend(&self) -> &IntCounter;
+    /// Bytes from the backend to the client (`direction="out"`).
+    fn to_client(&self) -> &IntCounter;
+}
+
+pin_project! {
+    /// Copies both ways until both sides are done. One side's EOF shuts down the other
+    /// side's write half, so a half-closed client still receives the backend's reply. A
+    /// side that fails (a reset) makes lb reset the other side too, as a direct connection
+    /// would have shown it, rather than end it with a FIN that passes a cut-off stream for
+    /// a whole one. With no bytes either way for `idle`, it ends with `TimedOut`.
+    ///
+    /// A hand-written future rather than an `async fn`: all of it stays allocated for the
+    /// connection's whole life, so it holds each field once and nothing else. `last` is when
+    /// bytes last moved either way; `timer` wakes once per `idle` rather than once per
+    /// read, and when it fires early (bytes moved since it was armed) it is armed again
+    /// from `last`.
+    pub(super) struct Transfer<'a, S: Service> {
+        client: TcpStream,
+        upstream: TcpStream,
+        to_backend: Direction,
+        to_client: Direction,
+        last: Instant,
+        service: &'a S,
+        #[pin]
+        timer: Sleep,
     }
-    result
 }
 
-async fn copy(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    idle: Duration,
-    counters: Counters<'_>,
-) -> io::Result<()> {
-    let activity = Activity::new();
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let both = async {
-        tokio::try_join!(
-            pipe(
-                &mut client_read,
-                &mut upstream_write,
-                &activity,
-                counters.to_backend
-            ),
-            pipe(
-                &mut upstream_read,
-                &mut client_write,
-                &activity,
-                counters.to_client
-            ),
-        )
-    };
-    tokio::pin!(both);
-    let mut deadline = activity.start + idle;
-    loop {
-        tokio::select! {
-            result = &mut both => return result.map(|_| ()),
-            () = tokio::time::sleep_until(deadline) => {
-                let last = activity.last();
-                if last + idle <= Instant::now() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+impl<'a, S: Service> Transfer<'a, S> {
+    pub(super) fn new(client: TcpStream, upstream: TcpStream, service: &'a S) -> Self {
+        let last = Instant::now();
+        Transfer {
+            client,
+            upstream,
+            to_backend: Direction::default(),
+            to_client: Direction::default(),
+            last,
+            service,
+            timer: tokio::time::sleep_until(last + service.idle()),
+        }
+    }
+}
+
+impl<S: Service> Future for Transfer<'_, S> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        let mut moved = false;
+        let (client, upstream) = (&mut *this.client, &mut *this.upstream);
+        let done = this.to_client.flow == Flow::Done;
+        let up = this.to_backend.poll(
+            cx,
+            client,
+            upstream,
+            this.service.to_backend(),
+            done,
+            &mut moved,
+        );
+        let done = this.to_backend.flow == Flow::Done;
+        let down = this.to_client.poll(
+            cx,
+            upstream,
+            client,
+            this.service.to_client(),
+            done,
+            &mut moved,
+        );
+        if moved {
+            *this.last = Instant::now();
+        }
+        match (up, down) {
+            (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => {
+                let _ = client.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+                return Poll::Ready(Err(err));
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
+            _ => {}
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = *this.last + this.service.idle();
+            if deadline <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+            }
+            this.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// One direction's state: what it read and the writer has not taken yet, if anything.
+#[derive(Default)]
+struct Direction {
+    /// Holds `held[start..end]` for the writer; `None` while nothing is pending.
+    held: Option<Buffer>,
+    start: u16,
+    end: u16,
+    flow: Flow,
+}
+
+/// Where a direction is between its first byte and its EOF passed on.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    #[default]
+    Open,
+    /// The reader saw EOF; the writer's write half is being shut down.
+    Closing,
+    Done,
+}
+
+impl Direction {
+    /// Moves bytes from `reader` to `writer` until one of them would block. Every write,
+    /// partial or whole, is counted at once and counts as activity: a slow reader that
+    /// takes a buffer in small pieces is busy, not idle, and the byte counters are exact
+    /// even for a connection that is cut mid-write. `other_done`: the opposite direction
+    /// has finished, so this one's EOF ends the transfer.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut TcpStream,
+        writer: &mut TcpStream,
+        counter: &IntCounter,
+        other_done: bool,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match self.flow {
+                Flow::Done => return Poll::Ready(Ok(())),
+                // With the other direction done too, the transfer ends now and dropping
+                // the writer closes it, which sends the same FIN: its bytes were all read
+                // (that direction reached EOF), so the close cannot turn into a reset.
+                // One `shutdown` call fewer per connection.
+                Flow::Closing if other_done => {
+                    self.flow = Flow::Done;
+                    return Poll::Ready(Ok(()));
                 }
-                deadline = last + idle;
+                Flow::Closing => {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                    self.flow = Flow::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                Flow::Open => {}
+            }
+            if let Some(buf) = &self.held {
+                while self.start < self.end {
+                    let pending = &buf[self.start as usize..self.end as usize];
+                    let written = ready!(Pin::new(&mut *writer).poll_write(cx, pending))?;
+                    if written == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.start += u16::try_from(written).expect("at most CHUNK bytes");
+                    counter.inc_by(written as u64);
+                    *moved = true;
+                }
+                if let Some(buf) = self.held.take() {
+                    give_back(buf);
+                }
+            }
+            // tokio's `poll_read` clears the socket's readiness after a short read, so the
+            // next poll waits for epoll instead of trying a read that would block.
+            let mut buf = take();
+            let mut read = ReadBuf::new(&mut buf[..]);
+            let polled = Pin::new(&mut *reader).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            match polled {
+                Poll::Ready(Ok(())) if n > 0 => {
+                    *moved = true;
+                    self.held = Some(buf);
+                    (self.start, self.end) = (0, u16::try_from(n).expect("at most CHUNK bytes"));
+                }
+                Poll::Ready(Ok(())) => {
+                    give_back(buf);
+                    self.flow = Flow::Closing;
+                }
+                Poll::Ready(Err(err)) => {
+                    give_back(buf);
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Pending => {
+                    give_back(buf);
+                    return Poll::Pending;
+                }
             }
         }
     }
 }
 
-/// When bytes last moved either way, so the idle timer, which wakes once per `idle`
-/// rather than once per read, can tell a quiet connection from a busy one.
-struct Activity {
-    start: Instant,
-    /// Milliseconds from `start`.
-    last: AtomicU64,
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    use super::*;
+
+    struct TestService {
+        idle: Duration,
+        to_backend: IntCounter,
+        to_client: IntCounter,
+    }
+
+    impl Service for TestService {
+        fn idle(&self) -> Duration {
+            self.idle
+        }
+        fn to_backend(&self) -> &IntCounter {
+            &self.to_backend
+        }
+        fn to_client(&self) -> &IntCounter {
+            &self.to_client
         }
     }
 
-    fn touch(&self) {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(elapsed, Ordering::Relaxed);
+    /// Two connected loopback sockets with small kernel buffers, so a slow reader soon
+    /// leaves the transfer holding bytes its peer has not taken.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        const KERNEL_BUFFER: u32 = 4096;
+        let listening = TcpSocket::new_v4().expect("socket");
+        listening
+            .set_recv_buffer_size(KERNEL_BUFFER)
+            .expect("SO_RCVBUF");
+        listening
+            .set_send_buffer_size(KERNEL_BUFFER)
+            .expect("SO_SNDBUF");
+        listening
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let listener = listening.listen(16).expect("listen");
+        let connecting = TcpSocket::new_v4().expect("socket");
+        connecting
+            .set_recv_buffer_size(KERNEL_BUFFER)
+            .expect("SO_RCVBUF");
+        connecting
+            .set_send_buffer_size(KERNEL_BUFFER)
+            .expect("SO_SNDBUF");
+        let near = connecting
+            .connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (far, _) = listener.accept().await.expect("accept");
+        (near, far)
     }
 
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    /// A client and a backend, with a transfer between them running in its own task.
+    /// The service is leaked so the task can borrow it for as long as it runs.
+    async fn proxied(
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        &'static TestService,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let (client, client_side) = socket_pair().await;
+        let (upstream_side, backend) = socket_pair().await;
+        let service: &'static TestService = Box::leak(Box::new(TestService {
+            idle,
+            to_backend: IntCounter::new("in", "in").expect("counter"),
+            to_client: IntCounter::new("out", "out").expect("counter"),
+        }));
+        let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service));
+        (client, backend, service, transfer)
     }
-}
 
-/// Copies one direction. Every partial write counts as activity and is counted at once:
-/// a slow reader that takes a buffer in small pieces is busy, not idle, and the byte
-/// counters are exact even for a connection that is cut mid-write.
-async fn pipe<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    activity: &Activity,
-    counter: &IntCounter,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER_SIZE];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            writer.shutdown().await?;
-            return Ok(());
+    /// xorshift: reproducible pseudo-random numbers without a crate.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
         }
-        activity.touch();
-        let mut pending = &buf[..n];
-        while !pending.is_empty() {
-            let written = writer.write(pending).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// Writes `data` in random pieces, sometimes pausing (a slow writer), then half-closes.
+    async fn send_slowly(mut stream: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>, seed: u64) {
+        let mut random = Random(seed);
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let n = (1 + random.below(40_000)).min(rest.len());
+            stream.write_all(&rest[..n]).await.expect("send");
+            rest = &rest[n..];
+            if random.below(8) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            pending = &pending[written..];
-            counter.inc_by(written as u64);
-            activity.touch();
         }
+        stream.shutdown().await.expect("half-close");
+    }
+
+    /// Reads to EOF in random small pieces, sometimes pausing (a slow reader), so the
+    /// transfer finds the peer full and has to hold what it read.
+    async fn receive_slowly(mut stream: tokio::net::tcp::OwnedReadHalf, seed: u64) -> Vec<u8> {
+        let mut random = Random(seed);
+        let mut received = Vec::new();
+        let mut piece = vec![0u8; 5000];
+        loop {
+            let want = 1 + random.below(piece.len());
+            let n = stream.read(&mut piece[..want]).await.expect("receive");
+            if n == 0 {
+                return received;
+            }
+            received.extend_from_slice(&piece[..n]);
+            if random.below(16) == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_sizes_arrive_byte_exact_both_ways_with_slow_readers_and_writers() {
+        for seed in 1..=4u64 {
+            let (client, backend, service, transfer) = proxied(Duration::from_secs(30)).await;
+            let mut random = Random(seed);
+            let (up_len, down_len) = (random.below(3 << 20), random.below(3 << 20));
+            let up = random.bytes(up_len);
+            let down = random.bytes(down_len);
+            let (client_read, client_write) = client.into_split();
+            let (backend_read, backend_write) = backend.into_split();
+            let (got_up, got_down, (), ()) = tokio::join!(
+                receive_slowly(backend_read, seed),
+                receive_slowly(client_read, seed + 100),
+                send_slowly(client_write, up.clone(), seed + 200),
+                send_slowly(backend_write, down.clone(), seed + 300),
+            );
+            assert!(got_up == up, "seed {seed}: client to backend differs");
+            assert!(got_down == down, "seed {seed}: backend to client differs");
+            transfer.await.expect("task").expect("clean end");
+            assert_eq!(service.to_backend.get(), up.len() as u64, "seed {seed}");
+            assert_eq!(service.to_client.get(), down.len() as u64, "seed {seed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_client_still_receives_the_backend_reply() {
+        let (mut client, mut backend, service, transfer) = proxied(Duration::from_secs(30)).await;
+        client.write_all(b"request").await.expect("send");
+        client.shutdown().await.expect("half-close");
+        let mut request = Vec::new();
+        backend
+            .read_to_end(&mut request)
+            .await
+            .expect("EOF passed on");
+        assert_eq!(request, b"request");
+        backend.write_all(b"reply").await.expect("reply");
+        backend.shutdown().await.expect("close");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.expect("reply");
+        assert_eq!(reply, b"reply");
+        transfer.await.expect("task").expect("clean end");
+        assert_eq!((service.to_backend.get(), service.to_client.get()), (7, 5));
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_backend_still_receives_the_client_data() {
+        let (mut client, mut backend, _, transfer) = proxied(Duration::from_secs(30)).await;
+        backend.write_all(b"greeting").await.expect("send");
+        backend.shutdown().await.expect("half-close");
+        let mut greeting = Vec::new();
+        client
+            .read_to_end(&mut greeting)
+            .await
+            .expect("EOF passed on");
+        assert_eq!(greeting, b"greeting");
+        client.write_all(b"late data").await.expect("send");
+        client.shutdown().await.expect("close");
+        let mut data = Vec::new();
+        backend.read_to_end(&mut data).await.expect("data");
+        assert_eq!(data, b"late data");
+        transfer.await.expect("task").expect("clean end");
+    }
+
+    /// Closes with a reset (RST) instead of a FIN.
+    fn reset(stream: TcpStream) {
+        stream.set_zero_linger().expect("SO_LINGER 0");
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_reaches_the_backend_as_a_reset() {
+        let (mut client, mut backend, _, transfer) = proxied(Duration::from_secs(30)).await;
+        client.write_all(b"hello").await.expect("send");
+        let mut hello = [0u8; 5];
+        backend.read_exact(&mut hello).await.expect("hello");
+        reset(client);
+        let err = backend
+            .read(&mut [0u8; 16])
+            .await
+            .expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(transfer.await.expect("task").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_backend_reset_reaches_the_client_as_a_reset() {
+        let (mut client, mut backend, _, transfer) = proxied(Duration::from_secs(30)).await;
+        backend.write_all(b"partial").await.expect("send");
+        let mut partial = [0u8; 7];
+        client.read_exact(&mut partial).await.expect("partial");
+        reset(backend);
+        let err = client
+            .read(&mut [0u8; 16])
+            .await
+            .expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(transfer.await.expect("task").is_err());
+    }
+
+    #[tokio::test]
+    async fn traffic_keeps_a_connection_open_and_silence_ends_it_after_the_idle_timeout() {
+        let idle = Duration::from_millis(300);
+        let (mut client, mut backend, _, transfer) = proxied(idle).await;
+        // Bytes every 100 ms for 900 ms: three idle periods, none of them silent.
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(b".").await.expect("send");
+            backend.read_exact(&mut [0u8; 1]).await.expect("passed on");
+        }
+        assert!(!transfer.is_finished(), "closed while bytes were moving");
+        let quiet = Instant::now();
+        let err = transfer.await.expect("task").expect_err("idle timeout");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(quiet.elapsed() >= idle - Duration::from_millis(50));
+        // A timeout ends both sides with a FIN, not a reset.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("a clean end");
+        backend.read_to_end(&mut rest).await.expect("a clean end");
     }
 }
