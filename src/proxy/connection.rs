@@ -35,14 +35,12 @@ pub(super) fn handle<'a>(
     let _ = peer;
     async move {
         let started = Instant::now();
-        let connected = Box::pin(connect(proxy, service, listen, &client)).await;
-        drop(connecting);
         let Some(Connected {
             pool,
             backend,
             active,
             upstream,
-        }) = connected
+        }) = Box::pin(connect(proxy, service, listen, &client, connecting)).await
         else {
             return;
         };
@@ -74,13 +72,15 @@ struct Connected {
 }
 
 /// Picks a backend and connects, trying up to [`CONNECT_ATTEMPTS`] of them; `None`
-/// (logged) if none could be reached.
+/// (logged) if none could be reached. `connecting` goes when this ends.
 async fn connect(
     proxy: &Shared,
     service: &str,
     listen: SocketAddr,
     client: &TcpStream,
+    connecting: TaskTrackerToken,
 ) -> Option<Connected> {
+    let _connecting = connecting;
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
@@ -170,7 +170,8 @@ mod tests {
             snapshots: Arc::default(),
             down,
         };
-        let connection = handle(&shared, "web", addr, accepted, peer);
+        let connecting = tokio_util::task::TaskTracker::new();
+        let connection = handle(&shared, "web", addr, (accepted, peer), connecting.token());
         let size = std::mem::size_of_val(&connection);
         eprintln!("connection future: {size} bytes");
         assert!(size <= 560, "the connection future grew to {size} bytes");
