@@ -28,7 +28,7 @@ pub(super) async fn handle(
         let Some(pool) = proxy.snapshots.ready_pool(service, listen).await else {
             break;
         };
-        let Some(backend) = pool.pick(&tried[..attempt]).cloned() else {
+        let Some(backend) = pool.pick(peer.ip(), &tried[..attempt]).cloned() else {
             break;
         };
         tried[attempt] = backend.id;
