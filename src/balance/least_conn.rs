@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{BalanceState, RoundRobin, Select, less_loaded};
+use super::{BalanceState, Load, RoundRobin, Select};
 use crate::snapshot::{Backend, BackendId};
 
 /// Scans every ready backend's active count (kept in its `BackendStats`, which outlive
@@ -25,19 +25,21 @@ impl Select for LeastConn {
 
     fn pick(&self, backends: &[Arc<Backend>], _: IpAddr, skip: &[BackendId]) -> Option<usize> {
         // The lightest load for its weight, as carried by one of the backends...
-        let mut least: Option<usize> = None;
+        let mut least: Option<(usize, Load)> = None;
         for (i, backend) in backends.iter().enumerate() {
-            if !skip.contains(&backend.id)
-                && least.is_none_or(|l| less_loaded(backend, &backends[l]))
-            {
-                least = Some(i);
+            if skip.contains(&backend.id) {
+                continue;
+            }
+            let load = Load::of(backend);
+            if least.is_none_or(|(_, l)| load.lighter_than(l)) {
+                least = Some((i, load));
             }
         }
-        let least = least?;
+        let (least, lightest) = least?;
         // ...and of the backends that light, the next in turn. Counts may move between
         // the two looks (other connections); then the first look's answer stands.
         let tied = |i: usize| {
-            !skip.contains(&backends[i].id) && !less_loaded(&backends[least], &backends[i])
+            !skip.contains(&backends[i].id) && !lightest.lighter_than(Load::of(&backends[i]))
         };
         Some(self.turn.next_where(tied).unwrap_or(least))
     }

@@ -147,11 +147,26 @@ impl BalanceState {
     }
 }
 
-/// True when backend `a` carries less load than `b` for its weight:
-/// `active_a / weight_a < active_b / weight_b`, without division.
-fn less_loaded(a: &Backend, b: &Backend) -> bool {
-    let load = |x: &Backend, other: &Backend| x.stats.active() as u128 * u128::from(other.weight);
-    load(a, b) < load(b, a)
+/// A backend's active connections for its weight, read once.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    active: u64,
+    weight: u32,
+}
+
+impl Load {
+    fn of(backend: &Backend) -> Self {
+        Load {
+            active: backend.stats.active() as u64,
+            weight: backend.weight,
+        }
+    }
+
+    /// `self.active / self.weight < other.active / other.weight`, without division.
+    fn lighter_than(self, other: Load) -> bool {
+        u128::from(self.active) * u128::from(other.weight)
+            < u128::from(other.active) * u128::from(self.weight)
+    }
 }
 
 /// The first backend from `start` on (cyclically) that is not in `skip`: the last resort

@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{BalanceState, Select, less_loaded};
+use super::{BalanceState, Load, Select};
 use crate::snapshot::{Backend, BackendId};
 
 /// Draws before a pick gives up on chance and takes the first backend not skipped: only
@@ -77,7 +77,7 @@ impl Select for RandomTwo {
         let Some(second) = self.draw(backends, skip, Some(first)) else {
             return Some(first);
         };
-        if less_loaded(&backends[second], &backends[first]) {
+        if Load::of(&backends[second]).lighter_than(Load::of(&backends[first])) {
             Some(second)
         } else {
             Some(first)
