@@ -70,17 +70,22 @@ fn active(lb: &Lb) -> BTreeMap<u64, u64> {
 
 /// Two workers; connections held open on both; those on one worker close. The next
 /// new connections must all go to the idle worker until both are as busy, whatever
-/// turn or chance says, round after round.
-fn new_connections_go_to_the_less_busy_worker(balance: &str) {
-    let yaml = Config::new()
-        .service(
-            Service::workers("web")
-                .count(2)
-                .option("balance", balance)
-                .env("HELLO", "1"),
-        )
-        .yaml();
-    let lb = Lb::start(&yaml);
+/// turn or chance says, round after round. With `reload`, each round's new connections
+/// come after a reload that changes the service but keeps its workers, so counts that
+/// did not survive it would show as a tie.
+fn new_connections_go_to_the_less_busy_worker(balance: &str, reload: bool) {
+    let yaml = |max_connections: u64| {
+        Config::new()
+            .service(
+                Service::workers("web")
+                    .count(2)
+                    .option("balance", balance)
+                    .option("max_connections", &max_connections.to_string())
+                    .env("HELLO", "1"),
+            )
+            .yaml()
+    };
+    let lb = Lb::start(&yaml(1000));
     lb.wait_ready(2);
     let mut held: Vec<(TcpStream, String)> = Vec::new();
     let open = |held: &mut Vec<(TcpStream, String)>| {
@@ -103,6 +108,12 @@ fn new_connections_go_to_the_less_busy_worker(balance: &str) {
         wait_until("lb to see the connections closed", DEADLINE, || {
             active(&lb).get(&(round % 2)) == Some(&0)
         });
+        if reload {
+            lb.rewrite_config(&yaml(1001 + round));
+            let out = lb.cli(&["reload"]);
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("1 changed"), "reload: {said}");
+        }
         for n in 0..busy {
             let id = open(&mut held);
             assert_eq!(
@@ -116,12 +127,17 @@ fn new_connections_go_to_the_less_busy_worker(balance: &str) {
 
 #[test]
 fn least_conn_sends_new_connections_to_the_idle_worker() {
-    new_connections_go_to_the_less_busy_worker("least-conn");
+    new_connections_go_to_the_less_busy_worker("least-conn", false);
+}
+
+#[test]
+fn least_conn_remembers_connections_placed_before_a_reload() {
+    new_connections_go_to_the_less_busy_worker("least-conn", true);
 }
 
 #[test]
 fn random_two_never_picks_the_busier_of_two_workers() {
-    new_connections_go_to_the_less_busy_worker("random-two");
+    new_connections_go_to_the_less_busy_worker("random-two", false);
 }
 
 #[test]
@@ -184,6 +200,59 @@ fn source_hash_keeps_a_client_on_its_worker_across_a_rollout_of_that_worker() {
             assert_eq!(pid_before, pid_after);
         }
     }
+}
+
+#[test]
+fn source_hash_moves_only_a_down_workers_clients_and_brings_them_back() {
+    let yaml = Config::new()
+        .service(
+            Service::workers("web")
+                .count(3)
+                .option("balance", "source-hash")
+                .set("restart_backoff", "{ initial: 1s, max: 1s }")
+                .env("HELLO", "1"),
+        )
+        .yaml();
+    let lb = Lb::start(&yaml);
+    lb.wait_ready(3);
+    let slots = || -> Vec<String> {
+        (0..60)
+            .map(|i| hello_field(&open_from(lb.listen, client(i)).1, "id").to_owned())
+            .collect()
+    };
+    let before = slots();
+    let down = before[0].clone();
+    let pid = lb.worker_pid(down.parse().expect("slot"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the worker");
+    lb.wait_log("worker exited");
+    let during = slots();
+    assert!(
+        lb.lines("worker ready").len() < 4,
+        "the slot came back too soon to test"
+    );
+    for (i, (b, d)) in before.iter().zip(&during).enumerate() {
+        if *b == down {
+            assert_ne!(
+                d,
+                &down,
+                "client {} still reaches the dead worker",
+                client(i as u32)
+            );
+        } else {
+            assert_eq!(b, d, "client {} of a live worker moved", client(i as u32));
+        }
+    }
+    assert_eq!(during, slots(), "the fallback is not stable");
+    lb.wait_ready(4);
+    assert_eq!(
+        before,
+        slots(),
+        "clients did not come back to the restarted worker"
+    );
 }
 
 /// Static backends on loopback that send their index and close.
