@@ -11,6 +11,8 @@
 //!   sequence;
 //! - [`snapshot`]: the immutable set of ready backends the supervisor publishes after
 //!   every change, swapped atomically;
+//! - [`balance`]: the strategy each snapshot's pool picks a backend with (round-robin,
+//!   least-conn, random-two, source-hash), and the Maglev table source-hash uses;
 //! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
 //!   and copy bytes to the backend they pick.
 //!
@@ -29,6 +31,7 @@
 //! stores it; a connection reads whichever snapshot is current when it picks a backend.
 
 pub mod admin;
+pub mod balance;
 pub mod channel;
 pub mod cli;
 pub mod config;

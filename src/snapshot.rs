@@ -3,7 +3,7 @@
 //! the connection path only loads them, so it never takes a lock.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -11,7 +11,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Timeouts;
+use crate::balance::{BalanceState, Selector};
+use crate::config::{Balance, Timeouts};
 use crate::metrics::{BackendMetrics, ServiceMetrics};
 
 /// Identifies a backend in reports from the proxy to the supervisor.
@@ -77,31 +78,28 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The ready backends of one service and the order in which they take connections.
+/// The ready backends of one service and the strategy that picks among them.
 #[derive(Debug)]
 pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
-    /// Indexes into `backends`, each repeated by its weight and interleaved (smooth
-    /// weighted round-robin), so picking is one atomic increment.
-    rotation: Vec<u32>,
-    /// Shared with the pools that replace this one, so a swap does not restart the turn.
-    cursor: Arc<AtomicUsize>,
+    selector: Selector,
     pub timeouts: Timeouts,
     pub metrics: Arc<ServiceMetrics>,
 }
 
 impl Pool {
+    /// A pool over `backends` that picks as `balance` says, with what the service's
+    /// selection carries across snapshots in `state`.
     pub fn new(
         backends: Vec<Arc<Backend>>,
-        cursor: Arc<AtomicUsize>,
+        balance: Balance,
+        state: &BalanceState,
         timeouts: Timeouts,
         metrics: Arc<ServiceMetrics>,
     ) -> Self {
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Pool {
-            rotation: smooth_rotation(&weights),
+            selector: Selector::new(balance, &backends, state),
             backends,
-            cursor,
             timeouts,
             metrics,
         }
@@ -111,46 +109,12 @@ impl Pool {
         self.backends.is_empty()
     }
 
-    /// The next backend in turn that is not in `skip` (backends this connection already
-    /// failed to reach).
-    pub fn pick(&self, skip: &[BackendId]) -> Option<&Arc<Backend>> {
-        if self.rotation.is_empty() {
-            return None;
-        }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..self.rotation.len())
-            .map(|step| {
-                &self.backends[self.rotation[(start + step) % self.rotation.len()] as usize]
-            })
-            .find(|b| !skip.contains(&b.id))
+    /// The backend for a new connection from `client`, not one in `skip` (backends this
+    /// connection already failed to reach).
+    pub fn pick(&self, client: IpAddr, skip: &[BackendId]) -> Option<&Arc<Backend>> {
+        let index = self.selector.pick(&self.backends, client, skip)?;
+        self.backends.get(index)
     }
-}
-
-/// Nginx's smooth weighted round-robin, unrolled into one cycle: weights 5,1,1 give
-/// a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
-fn smooth_rotation(weights: &[u32]) -> Vec<u32> {
-    let divisor = weights.iter().copied().fold(0, gcd).max(1);
-    let weights: Vec<i64> = weights.iter().map(|w| i64::from(w / divisor)).collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut rotation = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for _ in 0..total {
-        for (c, w) in current.iter_mut().zip(&weights) {
-            *c += w;
-        }
-        let (best, _) = current
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
-            .expect("total > 0 implies at least one backend");
-        current[best] -= total;
-        rotation.push(u32::try_from(best).expect("backend count fits in u32"));
-    }
-    rotation
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Every service's pool at one moment.
@@ -221,55 +185,26 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn pool(weights: &[u32]) -> Pool {
+    #[test]
+    fn a_pool_picks_with_its_strategy() {
         let metrics = crate::metrics::Metrics::default();
-        let backends = weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                Arc::new(Backend {
-                    id: i as u64,
-                    addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
-                    label: format!("b{i}").into(),
-                    weight: *w,
-                    stats: Arc::default(),
-                    metrics: metrics.backend("test", &i.to_string()),
-                    close: CancellationToken::new(),
-                })
-            })
-            .collect();
+        let backends = crate::balance::testing::backends(&[1, 1, 1]);
         let timeouts = Timeouts {
             connect: Duration::from_secs(1),
             idle: Duration::from_secs(1),
         };
-        Pool::new(
+        let pool = Pool::new(
             backends,
-            Arc::default(),
+            Balance::RoundRobin,
+            &BalanceState::default(),
             timeouts,
             Arc::new(metrics.service("test")),
-        )
-    }
-
-    #[test]
-    fn round_robin_is_even() {
-        let p = pool(&[1, 1, 1]);
-        let picks: Vec<u64> = (0..6).map(|_| p.pick(&[]).unwrap().id).collect();
-        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
-    }
-
-    #[test]
-    fn weights_interleave() {
-        assert_eq!(smooth_rotation(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
-        assert_eq!(smooth_rotation(&[2, 2]), vec![0, 1]);
-    }
-
-    #[test]
-    fn pick_skips_failed_backends() {
-        let p = pool(&[1, 1, 1]);
-        for _ in 0..5 {
-            assert_eq!(p.pick(&[0, 1]).unwrap().id, 2);
-        }
-        assert!(p.pick(&[0, 1, 2]).is_none());
+        );
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let picks: Vec<u64> = (0..4).map(|_| pool.pick(client, &[]).unwrap().id).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0]);
+        assert_eq!(pool.pick(client, &[0, 2]).unwrap().id, 1);
+        assert!(pool.pick(client, &[0, 1, 2]).is_none());
     }
 
     #[test]

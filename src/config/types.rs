@@ -446,29 +446,48 @@ impl<'de> Deserialize<'de> for Weight {
     }
 }
 
-/// `balance`: how a service picks a backend for each new connection.
+/// `balance`: how a service picks a backend for each new connection (§7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     RoundRobin,
+    LeastConn,
+    RandomTwo,
+    SourceHash,
+}
+
+impl Balance {
+    const ALL: [Balance; 4] = [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::RandomTwo,
+        Balance::SourceHash,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConn => "least-conn",
+            Balance::RandomTwo => "random-two",
+            Balance::SourceHash => "source-hash",
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Balance {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = ScalarText::deserialize(d)?;
-        choice(
-            &text.0,
-            &["round-robin"],
-            &["least-conn", "random-two", "source-hash"],
-        )?;
-        Ok(Balance::RoundRobin)
+        let names = Balance::ALL.map(Balance::name);
+        let name = choice(&text.0, &names, &[])?;
+        Ok(Balance::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .expect("choice returns one of the names it was given"))
     }
 }
 
 impl fmt::Display for Balance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Balance::RoundRobin => "round-robin",
-        })
+        f.write_str(self.name())
     }
 }
 

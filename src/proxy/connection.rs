@@ -18,29 +18,29 @@ use crate::snapshot::{ActiveGuard, Backend, BackendId, Pool};
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// The connection's task. Everything this future holds stays allocated for as long as the
-/// connection lives, idle or not, so it keeps little: an `async` block rather than an
-/// `async fn` (which would keep each argument twice), `peer` not kept (the one line that
-/// names it asks the socket again), the connect phase (snapshot wait, connect timeout,
-/// retries) in its own allocation, freed once it ends, and the copy phase one
-/// [`copy::Transfer`]. `connecting` is held until the connection has its backend (or
+/// connection lives, idle or not, so it keeps little: the connect phase (snapshot wait,
+/// pick, connect timeout, retries) is its own allocation, made here and freed once it
+/// ends, holding the client, its address and `connecting` meanwhile; the copy phase is
+/// one [`copy::Transfer`]. `connecting` is held until the connection has its backend (or
 /// has given up), so a stop takes workers out of rotation only after every accepted
 /// client reached one.
 pub(super) fn handle<'a>(
     proxy: &'a Shared,
     service: &'a str,
     listen: SocketAddr,
-    (client, peer): (TcpStream, SocketAddr),
+    client: (TcpStream, SocketAddr),
     connecting: TaskTrackerToken,
 ) -> impl Future<Output = ()> + 'a {
-    let _ = peer;
+    let connected = Box::pin(connect(proxy, service, listen, client, connecting));
     async move {
         let started = Instant::now();
         let Some(Connected {
             pool,
             backend,
             active,
+            client,
             upstream,
-        }) = Box::pin(connect(proxy, service, listen, &client, connecting)).await
+        }) = connected.await
         else {
             return;
         };
@@ -63,11 +63,12 @@ pub(super) fn handle<'a>(
     }
 }
 
-/// A backend connection, and what the copy phase needs of the pick.
+/// A client connected to its backend, and what the copy phase needs of the pick.
 struct Connected {
     pool: Arc<Pool>,
     backend: Arc<Backend>,
     active: ActiveGuard,
+    client: TcpStream,
     upstream: TcpStream,
 }
 
@@ -77,7 +78,7 @@ async fn connect(
     proxy: &Shared,
     service: &str,
     listen: SocketAddr,
-    client: &TcpStream,
+    (client, peer): (TcpStream, SocketAddr),
     connecting: TaskTrackerToken,
 ) -> Option<Connected> {
     let _connecting = connecting;
@@ -88,7 +89,7 @@ async fn connect(
         let Some(pool) = proxy.snapshots.ready_pool(service, listen).await else {
             break;
         };
-        let Some(backend) = pool.pick(&tried[..attempt]).cloned() else {
+        let Some(backend) = pool.pick(peer.ip(), &tried[..attempt]).cloned() else {
             break;
         };
         tried[attempt] = backend.id;
@@ -103,6 +104,7 @@ async fn connect(
                     pool,
                     backend,
                     active,
+                    client,
                     upstream,
                 });
             }
@@ -120,12 +122,7 @@ async fn connect(
             }
         }
     }
-    let peer = client.peer_addr().ok();
-    debug!(
-        service,
-        ?peer,
-        "no backend could be reached; closing client"
-    );
+    debug!(service, %peer, "no backend could be reached; closing client");
     None
 }
 

@@ -357,7 +357,7 @@ impl Supervisor {
             stopping: self.phase != Phase::Running,
             ..Snapshot::default()
         };
-        for svc in &self.services {
+        for svc in &mut self.services {
             let pool = Arc::new(svc.pool(&self.workers));
             for addr in &svc.config.listen {
                 snapshot.listeners.insert(*addr, Arc::clone(&pool));

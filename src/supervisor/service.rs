@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +11,7 @@ use super::backoff::Backoff;
 use super::health::Health;
 use super::life::{Worker, WorkerId};
 use super::state::WorkerState;
+use crate::balance::BalanceState;
 use crate::channel::Message;
 use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
@@ -121,8 +121,8 @@ pub(super) struct ServiceState {
     pub listeners: ServiceListeners,
     pub metrics: Arc<ServiceMetrics>,
     pub feed: FeedState,
-    /// The round-robin position, carried from pool to pool.
-    cursor: Arc<AtomicUsize>,
+    /// What balancing carries from pool to pool: the turn, the Maglev table.
+    balance: BalanceState,
 }
 
 impl ServiceState {
@@ -137,12 +137,14 @@ impl ServiceState {
             listeners,
             metrics,
             feed: FeedState::default(),
-            cursor: Arc::default(),
+            balance: BalanceState::default(),
         }
     }
 
     /// The backends that take new connections now, in slot order, then static ones.
-    pub(super) fn pool(&self, workers: &BTreeMap<WorkerId, Worker>) -> Pool {
+    /// Rebuilds the source-hash table first if the configured backends changed.
+    pub(super) fn pool(&mut self, workers: &BTreeMap<WorkerId, Worker>) -> Pool {
+        self.balance.configure(&self.config);
         let workers = self
             .slots
             .iter()
@@ -156,7 +158,8 @@ impl ServiceState {
             .map(|s| Arc::clone(&s.backend));
         Pool::new(
             workers.chain(statics).collect(),
-            Arc::clone(&self.cursor),
+            self.config.balance,
+            &self.balance,
             self.config.timeouts,
             Arc::clone(&self.metrics),
         )
