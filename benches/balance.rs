@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb::balance::{BalanceState, Maglev, Member};
-use lb::config::{Balance, Timeouts};
+use lb::config::{Balance, ProxyProtocol, Timeouts};
 use lb::metrics::Metrics;
-use lb::snapshot::{Backend, BackendStats, Pool};
+use lb::snapshot::{Backend, BackendStats, Pool, Relay};
 use tokio_util::sync::CancellationToken;
 
 const STRATEGIES: [(Balance, &str); 4] = [
@@ -79,15 +79,19 @@ fn per_pick(balance: Balance, n: usize) -> f64 {
         .collect();
     let mut state = BalanceState::default();
     state.configure(&service(balance, n));
-    let timeouts = Timeouts {
-        connect: Duration::from_secs(1),
-        idle: Duration::from_secs(1),
+    let relay = Relay {
+        timeouts: Timeouts {
+            connect: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        },
+        proxy_protocol: ProxyProtocol::Off,
+        log_connections: false,
     };
     let pool = Pool::new(
         backends,
         balance,
         &state,
-        timeouts,
+        relay,
         Arc::new(metrics.service("bench")),
     );
     let mut picks = 0u64;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub reloads_total: IntCounterVec,
     pub backend_up: IntGaugeVec,
     messages_dropped_total: IntCounterVec,
+    connections_dropped_total: IntCounterVec,
     /// Rollouts by result (`ok`, `halted`), so a halted
     /// deploy can alert.
     pub rollouts_total: IntCounterVec,
@@ -41,7 +42,22 @@ pub struct ServiceMetrics {
     pub bytes_out: IntCounter,
     pub connection_duration: prometheus::Histogram,
     pub messages_dropped: IntCounter,
+    pub dropped: DroppedMetrics,
 }
+
+/// Clients lb closed without serving them, by why (`lb_connections_dropped_total`).
+#[derive(Debug, Clone)]
+pub struct DroppedMetrics {
+    /// No backend was ready within the connect timeout.
+    pub no_backend: IntCounter,
+    /// Every backend tried refused or timed out.
+    pub connect_failed: IntCounter,
+    /// lb was out of descriptors or memory.
+    pub resources: IntCounter,
+}
+
+/// The `reason` label values of `lb_connections_dropped_total`.
+const DROP_REASONS: [&str; 3] = ["no_backend", "connect_failed", "resources"];
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let vec = IntCounterVec::new(Opts::new(name, help), labels)
@@ -133,6 +149,12 @@ impl Default for Metrics {
                 "Messages to workers dropped because a worker did not read its channel.",
                 &["service"],
             ),
+            connections_dropped_total: counter(
+                &r,
+                "lb_connections_dropped_total",
+                "Clients lb closed without serving them, by reason.",
+                &["service", "reason"],
+            ),
             rollouts_total: counter(
                 &r,
                 "lb_rollouts_total",
@@ -178,7 +200,17 @@ impl Metrics {
             bytes_in: self.bytes_total.with_label_values(&[service, "in"]),
             bytes_out: self.bytes_total.with_label_values(&[service, "out"]),
             connection_duration: self.connection_duration.with_label_values(&[service]),
+            dropped: DroppedMetrics {
+                no_backend: self.dropped(service, "no_backend"),
+                connect_failed: self.dropped(service, "connect_failed"),
+                resources: self.dropped(service, "resources"),
+            },
         }
+    }
+
+    fn dropped(&self, service: &str, reason: &str) -> IntCounter {
+        self.connections_dropped_total
+            .with_label_values(&[service, reason])
     }
 
     /// Drops the series of a backend that left the config (a static backend, a slot
@@ -196,6 +228,11 @@ impl Metrics {
         let _ = self.bytes_total.remove_label_values(&[service, "out"]);
         let _ = self.connection_duration.remove_label_values(&[service]);
         let _ = self.messages_dropped_total.remove_label_values(&[service]);
+        for reason in DROP_REASONS {
+            let _ = self
+                .connections_dropped_total
+                .remove_label_values(&[service, reason]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

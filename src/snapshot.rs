@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{BalanceState, Selector};
-use crate::config::{Balance, Timeouts};
+use crate::config::{Balance, ProxyProtocol, ServiceConfig, Timeouts};
 use crate::metrics::{BackendMetrics, ServiceMetrics};
 
 /// Identifies a backend in reports from the proxy to the supervisor.
@@ -83,8 +83,27 @@ impl Drop for ActiveGuard {
 pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     selector: Selector,
-    pub timeouts: Timeouts,
+    pub relay: Relay,
     pub metrics: Arc<ServiceMetrics>,
+}
+
+/// How the connection path treats a service's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relay {
+    pub timeouts: Timeouts,
+    pub proxy_protocol: ProxyProtocol,
+    /// One log line per closed connection.
+    pub log_connections: bool,
+}
+
+impl Relay {
+    pub fn of(service: &ServiceConfig) -> Self {
+        Relay {
+            timeouts: service.timeouts,
+            proxy_protocol: service.proxy_protocol,
+            log_connections: service.log_connections,
+        }
+    }
 }
 
 impl Pool {
@@ -94,13 +113,13 @@ impl Pool {
         backends: Vec<Arc<Backend>>,
         balance: Balance,
         state: &BalanceState,
-        timeouts: Timeouts,
+        relay: Relay,
         metrics: Arc<ServiceMetrics>,
     ) -> Self {
         Pool {
             selector: Selector::new(balance, &backends, state),
             backends,
-            timeouts,
+            relay,
             metrics,
         }
     }
@@ -150,6 +169,12 @@ impl Snapshots {
         self.current.load()
     }
 
+    /// The pool a connection that `service` accepted on `listen` goes to now, ready
+    /// backends or not; `None` once neither the address nor the service is there.
+    pub fn pool(&self, service: &str, listen: SocketAddr) -> Option<Arc<Pool>> {
+        self.load().route(service, listen).map(Arc::clone)
+    }
+
     /// Swaps in a new snapshot and wakes connections waiting for a ready backend.
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
@@ -166,7 +191,7 @@ impl Snapshots {
         if !pool.is_empty() {
             return Some(pool);
         }
-        let deadline = tokio::time::Instant::now() + pool.timeouts.connect;
+        let deadline = tokio::time::Instant::now() + pool.relay.timeouts.connect;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -197,7 +222,11 @@ mod tests {
             backends,
             Balance::RoundRobin,
             &BalanceState::default(),
-            timeouts,
+            Relay {
+                timeouts,
+                proxy_protocol: ProxyProtocol::Off,
+                log_connections: false,
+            },
             Arc::new(metrics.service("test")),
         );
         let client = IpAddr::from([127, 0, 0, 1]);

@@ -10,8 +10,8 @@ use common::{DEADLINE, Lb, connect, echo, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// The metric families of the contract (§6).
-const CONTRACT: [&str; 10] = [
+/// The metric families of the contract (§6) that lb has so far.
+const CONTRACT: [&str; 12] = [
     "lb_connections_total",
     "lb_connections_active",
     "lb_bytes_total",
@@ -22,6 +22,8 @@ const CONTRACT: [&str; 10] = [
     "lb_reloads_total",
     "lb_backend_up",
     "lb_messages_dropped_total",
+    "lb_connections_dropped_total",
+    "lb_rollouts_total",
 ];
 
 fn metrics(lb: &Lb) -> String {

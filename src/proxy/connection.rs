@@ -1,4 +1,6 @@
-//! One client connection: pick a backend, connect (retrying others), then copy.
+//! One client connection: pick a backend, connect (retrying others), tell it who the
+//! client is (PROXY protocol, when on), then copy; with `log_connections`, one line when
+//! it ends, as HAProxy's `tcplog`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -6,12 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::{Shared, copy, is_resource_exhaustion};
+use super::{Shared, copy, is_resource_exhaustion, proxy_protocol};
+use crate::config::ProxyProtocol;
+use crate::metrics::DroppedMetrics;
 use crate::snapshot::{ActiveGuard, Backend, BackendId, Pool};
 
 /// Backends tried per connection: the first pick and up to two more.
@@ -40,6 +45,7 @@ pub(super) fn handle<'a>(
             active,
             client,
             upstream,
+            logged,
         }) = connected.await
         else {
             return;
@@ -49,18 +55,100 @@ pub(super) fn handle<'a>(
         // connection.
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        tokio::select! {
-            result = copy::Transfer::new(client, upstream, &*pool) => match result {
-                Ok(()) => debug!(service, backend = %backend.label, "connection closed"),
-                Err(err) => debug!(service, backend = %backend.label, %err, "connection ended"),
+        let transfer = copy::Transfer::new(client, upstream, &*pool);
+        tokio::pin!(transfer);
+        let ended = tokio::select! {
+            result = &mut transfer => match result {
+                Ok(()) => Ended::Closed,
+                Err(err) if err.kind() == io::ErrorKind::TimedOut => Ended::IdleTimeout,
+                Err(err) => {
+                    debug!(service, backend = %backend.label, %err, "connection ended");
+                    Ended::Reset
+                }
             },
-            () = backend.close.cancelled() => debug!(service, backend = %backend.label, "connection closed: backend drained or lb stopping"),
+            () = backend.close.cancelled() => Ended::ClosedByLb,
+        };
+        let took = started.elapsed();
+        pool.metrics.connection_duration.observe(took.as_secs_f64());
+        if let Some(peer) = logged {
+            log_closed(
+                service,
+                Some(*peer),
+                &backend.label,
+                transfer.bytes(),
+                took,
+                ended,
+            );
         }
-        pool.metrics
-            .connection_duration
-            .observe(started.elapsed().as_secs_f64());
         drop(active);
     }
+}
+
+/// How a connection ended, as its log line says.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    /// Both sides finished.
+    Closed,
+    IdleTimeout,
+    /// A side reset the connection (or failed), and lb passed the reset on.
+    Reset,
+    /// lb closed it: its backend's drain time ran out, or lb stopped.
+    ClosedByLb,
+    /// lb closed the client unserved.
+    Dropped(Dropped),
+}
+
+/// Why lb closed a client unserved: the `reason` of `lb_connections_dropped_total`.
+#[derive(Debug, Clone, Copy)]
+enum Dropped {
+    NoBackend,
+    ConnectFailed,
+    Resources,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::NoBackend => "no_backend",
+            Dropped::ConnectFailed => "connect_failed",
+            Dropped::Resources => "resources",
+        }
+    }
+
+    fn counter(self, metrics: &DroppedMetrics) -> &IntCounter {
+        match self {
+            Dropped::NoBackend => &metrics.no_backend,
+            Dropped::ConnectFailed => &metrics.connect_failed,
+            Dropped::Resources => &metrics.resources,
+        }
+    }
+}
+
+impl Ended {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ended::Closed => "closed",
+            Ended::IdleTimeout => "idle_timeout",
+            Ended::Reset => "reset",
+            Ended::ClosedByLb => "closed_by_lb",
+            Ended::Dropped(why) => why.as_str(),
+        }
+    }
+}
+
+/// The `log_connections` line: client, backend, bytes each way, duration, the end.
+fn log_closed(
+    service: &str,
+    client: Option<SocketAddr>,
+    backend: &str,
+    (bytes_in, bytes_out): (u64, u64),
+    took: Duration,
+    ended: Ended,
+) {
+    let client = client.map_or_else(|| "-".to_owned(), |c| c.to_string());
+    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let ended = ended.as_str();
+    info!(service, %client, backend, bytes_in, bytes_out, duration_ms, ended, "connection");
 }
 
 /// A client connected to its backend, and what the copy phase needs of the pick.
@@ -70,10 +158,15 @@ struct Connected {
     active: ActiveGuard,
     client: TcpStream,
     upstream: TcpStream,
+    /// The client's address, kept for the log line only with `log_connections` (the
+    /// socket no longer tells it once closed); boxed, so a connection without it keeps
+    /// a pointer, not the address.
+    logged: Option<Box<SocketAddr>>,
 }
 
-/// Picks a backend and connects, trying up to [`CONNECT_ATTEMPTS`] of them; `None`
-/// (logged) if none could be reached. `connecting` goes when this ends.
+/// Picks a backend and connects, trying up to [`CONNECT_ATTEMPTS`] of them, and sends
+/// the PROXY header; `None` (counted, and logged) if none could be reached.
+/// `connecting` goes when this ends.
 async fn connect(
     proxy: &Shared,
     service: &str,
@@ -82,6 +175,7 @@ async fn connect(
     connecting: TaskTrackerToken,
 ) -> Option<Connected> {
     let _connecting = connecting;
+    let started = Instant::now();
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
@@ -96,22 +190,34 @@ async fn connect(
         // Counted from the pick, not from the connect, so a draining worker is not
         // stopped while a connection that picked it is still connecting.
         let active = backend.track();
-        let connect =
-            tokio::time::timeout(pool.timeouts.connect, TcpStream::connect(backend.addr)).await;
+        let connect = tokio::time::timeout(
+            pool.relay.timeouts.connect,
+            open(
+                backend.addr,
+                pool.relay.proxy_protocol,
+                &client,
+                peer,
+                listen,
+            ),
+        )
+        .await;
         match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
             Ok(upstream) => {
+                let logged = pool.relay.log_connections.then(|| Box::new(peer));
                 return Some(Connected {
                     pool,
                     backend,
                     active,
                     client,
                     upstream,
+                    logged,
                 });
             }
             // lb itself is out of descriptors or memory: every backend would fail the
             // same way, and none of them is at fault.
             Err(err) if is_resource_exhaustion(&err) => {
                 warn!(service, backend = %backend.label, %err, "could not connect to a backend: lb is out of resources; closing the client");
+                dropped(&pool, service, peer, started, Dropped::Resources);
                 return None;
             }
             Err(err) => {
@@ -123,12 +229,49 @@ async fn connect(
         }
     }
     debug!(service, %peer, "no backend could be reached; closing client");
+    // With no pool at all the service is gone (a reload removed it): nothing to count.
+    if let Some(pool) = proxy.snapshots.pool(service, listen) {
+        let why = if tried[0] == BackendId::MAX {
+            Dropped::NoBackend
+        } else {
+            Dropped::ConnectFailed
+        };
+        dropped(&pool, service, peer, started, why);
+    }
     None
+}
+
+/// Connects to a backend and, with the PROXY protocol on, first tells it the client's
+/// address and the address the client reached.
+async fn open(
+    backend: SocketAddr,
+    version: ProxyProtocol,
+    client: &TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) -> io::Result<TcpStream> {
+    let mut upstream = TcpStream::connect(backend).await?;
+    if version != ProxyProtocol::Off {
+        let local = client.local_addr().unwrap_or(listen);
+        let mut header = [0u8; proxy_protocol::MAX_HEADER];
+        let len = proxy_protocol::relayed(version, peer, local, &mut header);
+        upstream.write_all(&header[..len]).await?;
+    }
+    Ok(upstream)
+}
+
+/// Counts (and with `log_connections` logs) a client lb closed unserved.
+fn dropped(pool: &Pool, service: &str, peer: SocketAddr, started: Instant, why: Dropped) {
+    why.counter(&pool.metrics.dropped).inc();
+    if pool.relay.log_connections {
+        let ended = Ended::Dropped(why);
+        log_closed(service, Some(peer), "-", (0, 0), started.elapsed(), ended);
+    }
 }
 
 impl copy::Service for Pool {
     fn idle(&self) -> Duration {
-        self.timeouts.idle
+        self.relay.timeouts.idle
     }
 
     fn to_backend(&self) -> &IntCounter {

@@ -106,6 +106,11 @@ impl<'a, S: Service> Transfer<'a, S> {
             timer: tokio::time::sleep_until(last + service.idle()),
         }
     }
+
+    /// Bytes moved so far: (client to backend, backend to client).
+    pub(super) fn bytes(&self) -> (u64, u64) {
+        (self.to_backend.bytes, self.to_client.bytes)
+    }
 }
 
 impl<S: Service> Future for Transfer<'_, S> {
@@ -164,6 +169,8 @@ struct Direction {
     start: u16,
     end: u16,
     flow: Flow,
+    /// Bytes written so far, for the connection's log line.
+    bytes: u64,
 }
 
 /// Where a direction is between its first byte and its EOF passed on.
@@ -218,6 +225,7 @@ impl Direction {
                     }
                     self.start += u16::try_from(written).expect("at most CHUNK bytes");
                     counter.inc_by(written as u64);
+                    self.bytes += written as u64;
                     *moved = true;
                 }
                 if let Some(buf) = self.held.take() {

@@ -16,7 +16,7 @@ use crate::channel::Message;
 use crate::config::{BackendSpec, ServiceConfig, WorkersConfig};
 use crate::metrics::{BackendMetrics, Metrics, ServiceMetrics};
 use crate::proxy::ServiceListeners;
-use crate::snapshot::{Backend, BackendId, Pool};
+use crate::snapshot::{Backend, BackendId, Pool, Relay};
 
 /// One of `count` worker positions; keeps its id, backoff and restart count across
 /// the processes that fill it.
@@ -160,7 +160,7 @@ impl ServiceState {
             workers.chain(statics).collect(),
             self.config.balance,
             &self.balance,
-            self.config.timeouts,
+            Relay::of(&self.config),
             Arc::clone(&self.metrics),
         )
     }
