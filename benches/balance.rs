@@ -1,6 +1,8 @@
 //! The cost of one `pick` per balancing strategy, at 4, 64 and 1024 ready backends, and
-//! its ratio to round-robin; and the time to build source-hash's Maglev table (done by
-//! the supervisor when the configured set changes, never per connection).
+//! its ratio to round-robin; the time to build source-hash's Maglev table (done by the
+//! supervisor when the configured set changes, never per connection); and the cost of
+//! building a PROXY protocol header (per connection when `proxy_protocol` is on; sending
+//! it is one more small write before the client's bytes).
 //!
 //!     cargo bench --bench balance
 //!
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use lb::balance::{BalanceState, Maglev, Member};
 use lb::config::{Balance, ProxyProtocol, Timeouts};
 use lb::metrics::Metrics;
+use lb::proxy::proxy_protocol;
 use lb::snapshot::{Backend, BackendStats, Pool, Relay};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +52,36 @@ fn main() {
         let table = black_box(Maglev::new(&members));
         println!("| {n} | {} | {:?} |", table.len(), started.elapsed());
     }
+    println!();
+    println!("| PROXY header | ns per header |");
+    println!("| --- | ---: |");
+    for (version, name) in [
+        (ProxyProtocol::V1, "v1, IPv4"),
+        (ProxyProtocol::V2, "v2, IPv4"),
+    ] {
+        println!("| {name} | {:.1} |", per_header(version));
+    }
+}
+
+/// Nanoseconds to build one header for a new client address.
+fn per_header(version: ProxyProtocol) -> f64 {
+    let local = SocketAddr::from(([10, 0, 0, 1], 8080));
+    let mut buf = [0u8; proxy_protocol::MAX_HEADER];
+    let mut headers = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(300) {
+        for _ in 0..10_000 {
+            let client = SocketAddr::from((Ipv4Addr::from(headers as u32), 40_000));
+            black_box(proxy_protocol::relayed(
+                version,
+                black_box(client),
+                local,
+                &mut buf,
+            ));
+            headers += 1;
+        }
+    }
+    started.elapsed().as_nanos() as f64 / headers as f64
 }
 
 fn label(i: usize) -> String {
