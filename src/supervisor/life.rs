@@ -433,6 +433,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_during_a_drain_keeps_its_deadline_and_a_second_signal_kills() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(30);
+        let draining = Life::Draining { until };
+        // lb's graceful stop retires every worker; one already draining from a rollout
+        // keeps its own, earlier deadline.
+        let later = now + Duration::from_secs(40);
+        assert_eq!(
+            step(draining, Input::Retire { until: later }, now),
+            (draining, vec![])
+        );
+        // A second SIGTERM: closed and killed at once.
+        let (life, effects) = step(draining, Input::Kill, now);
+        assert!(matches!(life, Life::Stopping { killed: true, .. }));
+        assert!(effects.contains(&Effect::CloseConnections));
+        assert!(effects.contains(&Effect::Signal(Signal::SIGKILL)));
+    }
+
+    #[test]
     fn a_draining_app_that_quits_leaves_its_group_its_stop_timeout() {
         let now = Instant::now();
         let draining = Life::Draining { until: now };
