@@ -32,7 +32,7 @@ const MAX_INCOMING_LINE: usize = 1024 * 1024;
 const MAX_IN_FLIGHT: usize = 64;
 
 /// One message from a worker on its way to being handled; the channel reads more only
-/// while fewer than [`MAX_IN_FLIGHT`] of these exist.
+/// while fewer than `MAX_IN_FLIGHT` of these exist.
 #[derive(Debug)]
 pub struct InFlight(
     #[expect(dead_code, reason = "held only so that dropping it frees the slot")]

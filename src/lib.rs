@@ -24,10 +24,12 @@
 //!
 //! # Theory of operation
 //!
-//! Only the supervisor changes state. Everything that happens (a child exits, a probe
-//! succeeds, a connect fails, a signal arrives, a timer fires) is an event in its inbox,
-//! handled one at a time; each handler returns at once and leaves waiting to timers that
-//! send further events. After each event the supervisor builds a new snapshot and
+//! Only the supervisor changes state. Everything that happens (a child exits, a probe or
+//! health check answers, a connect fails, a timer fires, a command comes from a signal or
+//! the admin API with the config file it needs already read) is an event in its inbox,
+//! handled one at a time; each handler returns at once and leaves waiting to timers and
+//! tasks that send further events. A worker's life and a rollout are state machines whose
+//! transitions return effects for the supervisor to carry out. After each event the supervisor builds a new snapshot and
 //! stores it; a connection reads whichever snapshot is current when it picks a backend.
 
 pub mod admin;

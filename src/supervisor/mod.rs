@@ -1,12 +1,12 @@
 //! The supervisor: the one task that owns worker and backend state. Every command
 //! (signals, admin API), every child that exits, probe that answers, connect that fails
-//! and timer that fires arrives here as an [`Event`]; after each event the supervisor
+//! and timer that fires arrives here as an `Event`; after each event the supervisor
 //! publishes a new snapshot for the proxy. Waits (backoff, drain, stop deadlines) are
 //! timers that send events back, so the actor never blocks.
 //!
-//! Each worker process is one [`life::Worker`] record, addressed by its id, whose
+//! Each worker process is one `life::Worker` record, addressed by its id, whose
 //! transitions are plain functions from (state, input) to (state, effects); a rollout is
-//! the [`rollout::Rollout`] state machine, built the same way. The files beside this one
+//! the `rollout::Rollout` state machine, built the same way. The files beside this one
 //! carry out those effects, one concern each: `drive.rs` (a worker's life effects:
 //! signals, drains, deadlines), `lifecycle.rs` (spawning, readiness, exits, restarts),
 //! `checks.rs` (health checks), `rolling.rs` (a rollout's effects and restarts),
