@@ -7,8 +7,8 @@
 //! - [`config`]: the YAML file, validated into a typed [`config::Config`]
 //!   (`file:line:col` errors);
 //! - [`supervisor`]: the one task that owns worker processes and backends: spawns,
-//!   probes, reaps, restarts and rolls them, applies reloads, and runs the stop
-//!   sequence;
+//!   probes, reaps, restarts and rolls them, follows backends' host names in DNS,
+//!   applies reloads, and runs the stop sequence;
 //! - [`snapshot`]: the immutable set of ready backends the supervisor publishes after
 //!   every change, swapped atomically;
 //! - [`balance`]: the strategy each snapshot's pool picks a backend with (round-robin,
@@ -25,9 +25,9 @@
 //! # Theory of operation
 //!
 //! Only the supervisor changes state. Everything that happens (a child exits, a probe
-//! succeeds, a connect fails, a signal arrives, a timer fires) is an event in its inbox,
-//! handled one at a time; each handler returns at once and leaves waiting to timers that
-//! send further events. After each event the supervisor builds a new snapshot and
+//! succeeds, a connect fails, a DNS answer arrives, a signal arrives, a timer fires) is
+//! an event in its inbox, handled one at a time; each handler returns at once and leaves
+//! waiting to timers and tasks that send further events. After each event the supervisor builds a new snapshot and
 //! stores it; a connection reads whichever snapshot is current when it picks a backend.
 
 pub mod admin;
