@@ -1,8 +1,9 @@
 //! Backends found by DNS (contract §2 `backends`, `resolvers`, `resolve_every`): every
 //! address a host name resolves to is a backend, followed as the answer changes, with a
 //! real DNS server (Debian's `dnsmasq`) on loopback serving a hosts file the test
-//! rewrites. Skipped with a message where dnsmasq is not installed, unless `CI` is set
-//! (`.ci/run` installs it).
+//! rewrites; and, without `resolvers`, the system's resolver. The tests that need
+//! dnsmasq skip with a message where it is not installed, unless `CI` is set (`.ci/run`
+//! installs it).
 
 mod common;
 
@@ -383,4 +384,32 @@ fn a_reload_that_drops_the_name_drops_its_addresses() {
         common::observe::try_echo(lb.listen, b"x").expect("echo"),
         b"x"
     );
+}
+
+#[test]
+fn without_resolvers_a_name_is_looked_up_by_the_system_resolver() {
+    // /etc/hosts names localhost on every system; no DNS server is involved.
+    let port = free_port();
+    let _backend = Backend::start("127.0.0.1", port);
+    let lb = Lb::start(
+        &Config::new()
+            .service(Service::backend_entries(
+                "api",
+                &[&format!("localhost:{port}")],
+            ))
+            .yaml(),
+    );
+    let admin = lb.admin.expect("an admin API");
+    let local = format!("127.0.0.1:{port}");
+    wait_until("localhost resolved", QUICK, || {
+        healthz(admin) == Some(200) && status_addresses(&lb).contains(&local)
+    });
+    // Where localhost is ::1 too, nothing listens there: that backend leaves rotation
+    // and the connect is retried on 127.0.0.1.
+    for _ in 0..3 {
+        assert_eq!(
+            common::observe::try_echo(lb.listen, b"x").expect("echo"),
+            b"x"
+        );
+    }
 }
