@@ -111,7 +111,8 @@ fn per_pick(balance: Balance, n: usize) -> f64 {
         .flat_map(|(i, b)| (0..i % 3).map(|_| b.track()).collect::<Vec<_>>())
         .collect();
     let mut state = BalanceState::default();
-    state.configure(&service(balance, n));
+    let statics = (0..n).map(|i| (label(i), 1)).collect();
+    state.configure(&service(balance, n), statics);
     let relay = Relay {
         timeouts: Timeouts {
             connect: Duration::from_secs(1),

@@ -7,8 +7,8 @@
 //! - [`config`]: the YAML file, validated into a typed [`config::Config`]
 //!   (`file:line:col` errors);
 //! - [`supervisor`]: the one task that owns worker processes and backends: spawns,
-//!   probes, reaps, restarts and rolls them, applies reloads, and runs the stop
-//!   sequence;
+//!   probes, reaps, restarts and rolls them, follows backends' host names in DNS,
+//!   applies reloads, and runs the stop sequence;
 //! - [`snapshot`]: the immutable set of ready backends the supervisor publishes after
 //!   every change, swapped atomically;
 //! - [`balance`]: the strategy each snapshot's pool picks a backend with (round-robin,
@@ -25,11 +25,12 @@
 //! # Theory of operation
 //!
 //! Only the supervisor changes state. Everything that happens (a child exits, a probe or
-//! health check answers, a connect fails, a timer fires, a command comes from a signal or
-//! the admin API with the config file it needs already read) is an event in its inbox,
-//! handled one at a time; each handler returns at once and leaves waiting to timers and
-//! tasks that send further events. A worker's life and a rollout are state machines whose
-//! transitions return effects for the supervisor to carry out. After each event the supervisor builds a new snapshot and
+//! health check answers, a DNS answer arrives, a connect fails, a timer fires, a command
+//! comes from a signal or the admin API with the config file it needs already read) is
+//! an event in its inbox, handled one at a time; each handler returns at once and leaves
+//! waiting to timers and tasks that send further events. A worker's life and a rollout
+//! are state machines whose transitions return effects for the supervisor to carry out.
+//! After each event the supervisor builds a new snapshot and
 //! stores it; a connection reads whichever snapshot is current when it picks a backend.
 
 pub mod admin;

@@ -38,7 +38,13 @@ pub struct WorkerStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
+    /// Its label: the address as configured, or `ip:port` for one of a host name's
+    /// addresses.
     pub address: String,
+    /// The `backends` entry (`host:port` as written) whose name resolved to `address`;
+    /// absent for an address written as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub weight: u32,
     /// `ready`, or `down` after a failed connect or failed checks until it is back.
     pub state: String,

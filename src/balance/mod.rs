@@ -85,23 +85,14 @@ pub struct BalanceState {
 #[derive(Debug, PartialEq, Eq)]
 struct Configured {
     slots: usize,
+    /// Label and weight of each static backend, sorted.
     statics: Vec<(String, u32)>,
 }
 
 impl Configured {
-    fn of(config: &ServiceConfig) -> Self {
-        Configured {
-            slots: config.workers.as_ref().map_or(0, |w| w.count.get()),
-            statics: config
-                .backends
-                .iter()
-                .map(|b| (b.label.clone(), b.weight))
-                .collect(),
-        }
-    }
-
     /// A worker slot is `service/slot`, as in its backend's label; a static backend is
-    /// its address as configured.
+    /// its label: its address as configured, or for a host name each address it
+    /// resolved to, as `ip:port`.
     fn members(&self, service: &str) -> Vec<Member> {
         let slots = (0..self.slots).map(|slot| Member::new(format!("{service}/{slot}"), 1));
         let statics = self
@@ -113,15 +104,21 @@ impl Configured {
 }
 
 impl BalanceState {
-    /// Brings the state in line with `config`: for source-hash, a Maglev table over its
-    /// configured backends, rebuilt only when that set changes (the supervisor calls this
-    /// on every publish, which happens after every event).
-    pub fn configure(&mut self, config: &ServiceConfig) {
+    /// Brings the state in line with `config` and the service's static backends now
+    /// (`statics`: label and weight of each, up or down, host names' addresses
+    /// included): for source-hash, a Maglev table over those and the configured worker
+    /// slots, rebuilt only when that set changes (the supervisor calls this on every
+    /// publish, which happens after every event).
+    pub fn configure(&mut self, config: &ServiceConfig, mut statics: Vec<(String, u32)>) {
         if config.balance != Balance::SourceHash {
             self.maglev = None;
             return;
         }
-        let configured = Configured::of(config);
+        statics.sort();
+        let configured = Configured {
+            slots: config.workers.as_ref().map_or(0, |w| w.count.get()),
+            statics,
+        };
         if self.maglev.as_ref().is_some_and(|(c, _)| *c == configured) {
             return;
         }
@@ -193,6 +190,19 @@ mod tests {
         config.services.into_iter().next().expect("one service")
     }
 
+    /// What the supervisor passes for a config's static backends written as addresses.
+    fn statics(config: &ServiceConfig) -> Vec<(String, u32)> {
+        config
+            .backends
+            .iter()
+            .map(|b| (b.label.clone(), b.weight))
+            .collect()
+    }
+
+    fn configure(state: &mut BalanceState, config: &ServiceConfig) {
+        state.configure(config, statics(config));
+    }
+
     fn table(state: &BalanceState) -> Arc<Maglev> {
         Arc::clone(state.maglev().expect("a table"))
     }
@@ -200,11 +210,14 @@ mod tests {
     #[test]
     fn the_table_covers_configured_slots_and_static_backends() {
         let mut state = BalanceState::default();
-        state.configure(&service(
-            "source-hash",
-            2,
-            &["127.0.0.1:9001", "{ address: 127.0.0.1:9002, weight: 2 }"],
-        ));
+        configure(
+            &mut state,
+            &service(
+                "source-hash",
+                2,
+                &["127.0.0.1:9001", "{ address: 127.0.0.1:9002, weight: 2 }"],
+            ),
+        );
         let table = table(&state);
         let names: Vec<(&str, u32)> = table
             .members()
@@ -223,16 +236,38 @@ mod tests {
     }
 
     #[test]
+    fn each_address_of_a_host_name_is_a_member_of_its_own() {
+        let config = service("source-hash", 1, &["api.internal:80"]);
+        let mut state = BalanceState::default();
+        // What the supervisor passes once the name resolved to three addresses, in any
+        // order: the table does not depend on it.
+        let addrs = ["10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"];
+        state.configure(
+            &config,
+            addrs.iter().map(|a| ((*a).to_owned(), 1)).collect(),
+        );
+        let first = table(&state);
+        let names: Vec<&str> = first.members().iter().map(|m| &*m.name).collect();
+        assert_eq!(
+            names,
+            vec!["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "web/0"]
+        );
+        let reordered = addrs.iter().rev().map(|a| ((*a).to_owned(), 1)).collect();
+        state.configure(&config, reordered);
+        assert!(Arc::ptr_eq(&first, &table(&state)));
+    }
+
+    #[test]
     fn the_table_is_rebuilt_only_when_the_configured_set_changes() {
         let mut state = BalanceState::default();
         let config = service("source-hash", 3, &["127.0.0.1:9001"]);
-        state.configure(&config);
+        configure(&mut state, &config);
         let first = table(&state);
-        state.configure(&config.clone());
+        configure(&mut state, &config.clone());
         assert!(Arc::ptr_eq(&first, &table(&state)));
-        state.configure(&service("source-hash", 4, &["127.0.0.1:9001"]));
+        configure(&mut state, &service("source-hash", 4, &["127.0.0.1:9001"]));
         assert!(!Arc::ptr_eq(&first, &table(&state)));
-        state.configure(&service("least-conn", 4, &["127.0.0.1:9001"]));
+        configure(&mut state, &service("least-conn", 4, &["127.0.0.1:9001"]));
         assert!(state.maglev().is_none());
     }
 
@@ -243,7 +278,7 @@ mod tests {
         for balance in ["round-robin", "least-conn", "random-two", "source-hash"] {
             let config = service(balance, 2, &[]);
             let mut state = BalanceState::default();
-            state.configure(&config);
+            configure(&mut state, &config);
             let selector = Selector::new(config.balance, &backends, &state);
             assert_eq!(selector.pick(&backends, client, &[0]), Some(1), "{balance}");
             assert_eq!(selector.pick(&backends, client, &[0, 1]), None, "{balance}");

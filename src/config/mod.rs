@@ -18,7 +18,9 @@ use nix::sys::signal::Signal;
 
 pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
-pub use types::{BackendSpec, Balance, CommandSpec, ProxyProtocol, ReadyCheck, addresses_clash};
+pub use types::{
+    BackendSpec, BackendTarget, Balance, CommandSpec, ProxyProtocol, ReadyCheck, addresses_clash,
+};
 
 /// Where the admin API listens unless the config says otherwise: loopback only.
 pub const DEFAULT_ADMIN: SocketAddr =
@@ -285,7 +287,15 @@ impl Config {
                 );
             }
             for b in &svc.backends {
-                let _ = writeln!(out, "  backend: {} (weight {})", b.label, b.weight);
+                let _ = write!(out, "  backend: {} (weight {})", b.label, b.weight);
+                if b.host_name().is_some() {
+                    let _ = write!(
+                        out,
+                        ", every address of the name, looked up every {}",
+                        humantime::format_duration(svc.resolve_every)
+                    );
+                }
+                out.push('\n');
             }
             if let Some(h) = &svc.health_check {
                 let what = h

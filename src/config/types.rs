@@ -2,7 +2,7 @@
 //! value is reported with the YAML line and column of the value itself.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::time::Duration;
@@ -371,13 +371,23 @@ impl<'de> Deserialize<'de> for SignalName {
 
 const BACKEND_WHAT: &str = "host:port, or { address: host:port, weight: N }";
 
-/// One static backend: `host:port`, or `{ address: host:port, weight: N }`.
+/// One static backend: `host:port`, or `{ address: host:port, weight: N }`. A host name
+/// is kept as written: it is looked up while lb runs, not when the file is read, so a
+/// config checks where DNS is unavailable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
-    /// The address as written, used as its label in logs and metrics.
+    /// The address as written, used as its label in logs and metrics (a host name's
+    /// addresses are labelled each by its own `ip:port`).
     pub label: String,
-    pub addr: SocketAddr,
+    pub target: BackendTarget,
     pub weight: u32,
+}
+
+/// Where a static backend is: one address, or every address a host name resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendTarget {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
 }
 
 /// The highest weight: enough to express any realistic capacity ratio (HAProxy allows 256).
@@ -385,22 +395,70 @@ pub const MAX_WEIGHT: u32 = 256;
 
 impl BackendSpec {
     fn parse<E: de::Error>(label: String, weight: u32) -> Result<Self, E> {
-        let addr = label
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| {
-                invalid(
-                    "a reachable host:port like 10.0.0.5:8080",
-                    format_args!("{label:?}"),
-                )
-            })?;
+        let target = BackendTarget::parse(&label).ok_or_else(|| {
+            invalid(
+                "host:port like 10.0.0.5:8080 or api.internal:8080",
+                format_args!("{label:?}"),
+            )
+        })?;
         Ok(BackendSpec {
             label,
-            addr,
+            target,
             weight,
         })
     }
+
+    /// The host name, if the address is one.
+    pub fn host_name(&self) -> Option<&str> {
+        match &self.target {
+            BackendTarget::Name { host, .. } => Some(host),
+            BackendTarget::Addr(_) => None,
+        }
+    }
+}
+
+impl BackendTarget {
+    /// `ip:port` (`[v6]:port`), or `name:port` with a well-formed DNS name and a port
+    /// from 1 to 65535.
+    fn parse(text: &str) -> Option<BackendTarget> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(BackendTarget::Addr(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+        host_name_ok(host).then(|| BackendTarget::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// A DNS host name (RFC 1123): dot-separated labels of letters, digits and `-` (and
+/// `_`, which service names in DNS use), none empty, none starting or ending with `-`,
+/// at most 63 bytes each and 253 in all; one trailing dot allowed. A bare IP address
+/// is not a name (it would be one without its port, which `SocketAddr` refused).
+fn host_name_ok(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || name.parse::<std::net::IpAddr>().is_ok() {
+        return false;
+    }
+    // All-numeric top labels are IPv4 look-alikes (`10.0.0.300`), not names.
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return false;
+    }
+    name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 impl<'de> Deserialize<'de> for BackendSpec {
@@ -408,9 +466,17 @@ impl<'de> Deserialize<'de> for BackendSpec {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Full {
-            address: String,
+            address: Address,
             #[serde(default)]
             weight: Option<Weight>,
+        }
+        /// `address` checked where it is written, so an error points at the value.
+        struct Address(BackendSpec);
+        impl<'de> Deserialize<'de> for Address {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = ScalarText::deserialize(d)?;
+                BackendSpec::parse(text.0, 1).map(Address)
+            }
         }
         struct V;
         impl<'de> Visitor<'de> for V {
@@ -424,7 +490,10 @@ impl<'de> Deserialize<'de> for BackendSpec {
             refuse_non_text_scalars!(BACKEND_WHAT, BackendSpec);
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
                 let full = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                BackendSpec::parse(full.address, full.weight.map_or(1, |w| w.0))
+                Ok(BackendSpec {
+                    weight: full.weight.map_or(1, |w| w.0),
+                    ..full.address.0
+                })
             }
         }
         d.deserialize_any(V)
@@ -728,6 +797,50 @@ mod tests {
         assert_eq!((b.weight, b.label.as_str()), (3, "127.0.0.1:9"));
         assert!(parse::<BackendSpec>("{ address: '127.0.0.1:9', weight: 0 }").is_err());
         assert!(parse::<BackendSpec>("{ adress: '127.0.0.1:9' }").is_err());
+    }
+
+    #[test]
+    fn backend_host_names_are_kept_as_written() {
+        let target = |text: &str| parse::<BackendSpec>(&format!("'{text}'")).map(|b| b.target);
+        assert_eq!(
+            target("[::1]:80").unwrap(),
+            BackendTarget::Addr("[::1]:80".parse().unwrap())
+        );
+        for (text, host, port) in [
+            ("api.internal:8080", "api.internal", 8080),
+            ("localhost:9", "localhost", 9),
+            (
+                "my-svc.ns.svc.cluster.local.:443",
+                "my-svc.ns.svc.cluster.local.",
+                443,
+            ),
+            ("_grpc.web:1", "_grpc.web", 1),
+        ] {
+            let name = BackendTarget::Name {
+                host: host.to_owned(),
+                port,
+            };
+            assert_eq!(target(text).unwrap(), name, "{text}");
+        }
+        // Not resolved while parsing: a name that exists nowhere is still valid.
+        assert!(target("does-not-exist.invalid:80").is_ok());
+        for bad in [
+            "api.internal",
+            "api.internal:",
+            "api.internal:0",
+            "api.internal:65536",
+            "api..internal:80",
+            "-api:80",
+            "api-:80",
+            "api internal:80",
+            ":80",
+            "10.0.0.300:80",
+            "::1:80",
+            "http://api:80",
+        ] {
+            assert!(target(bad).is_err(), "{bad}");
+        }
+        assert!(target(&format!("{}:80", "a".repeat(64))).is_err());
     }
 
     #[test]

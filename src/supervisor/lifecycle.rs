@@ -2,6 +2,7 @@
 //! ready, taken out of rotation when a connect fails, and restarted with backoff when
 //! it exits unasked.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use super::rolling::View;
 use super::service::{ServiceState, Slot, StaticBackend, worker_backend};
 use super::{Event, ExitStatus, Supervisor, WorkerState, probe, worker};
 use crate::channel::{self, Channel};
-use crate::config::{BackendSpec, ReadyCheck, ServiceConfig, WorkersConfig};
+use crate::config::{BackendSpec, BackendTarget, ReadyCheck, ServiceConfig, WorkersConfig};
 use crate::snapshot::BackendId;
 
 /// How often a starting worker's port is tried.
@@ -26,26 +27,44 @@ const READY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 const STATIC_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Supervisor {
-    /// Adds a service with its static backends and empty slots; no worker runs yet.
+    /// Adds a service with its static backends and empty slots, and starts looking up
+    /// the host names among its backends; no worker runs yet.
     pub(super) fn add_service_state(&mut self, config: ServiceConfig) -> usize {
         let mut svc = ServiceState::new(config, &self.metrics);
         for spec in svc.config.backends.clone() {
-            let backend = self.static_backend(&svc.config.name, &spec);
-            svc.statics.push(backend);
+            if let BackendTarget::Addr(addr) = spec.target {
+                let backend = self.static_backend(&svc.config.name, &spec, addr, &spec.label);
+                svc.statics.push(backend);
+            }
         }
         self.services.push(svc);
         let si = self.services.len() - 1;
         for index in 0..self.services[si].statics.len() {
             self.check_static(si, index);
         }
+        self.start_resolving(si);
         self.add_slots(si);
         si
     }
 
-    pub(super) fn static_backend(&mut self, service: &str, spec: &BackendSpec) -> StaticBackend {
+    /// A static backend at `addr` for the entry `spec`, labelled `label`.
+    pub(super) fn static_backend(
+        &mut self,
+        service: &str,
+        spec: &BackendSpec,
+        addr: SocketAddr,
+        label: &str,
+    ) -> StaticBackend {
         let id = self.new_id();
-        let metrics = self.metrics.backend(service, &spec.label);
-        StaticBackend::new(spec, id, self.proxy.connections.child_token(), metrics)
+        let metrics = self.metrics.backend(service, label);
+        StaticBackend::new(
+            spec,
+            addr,
+            label,
+            id,
+            self.proxy.connections.child_token(),
+            metrics,
+        )
     }
 
     /// Adds empty slots up to the configured count (the caller fills them).
@@ -121,7 +140,7 @@ impl Supervisor {
         let id = self.new_id();
         let close = self.proxy.connections.child_token();
         let name: Arc<str> = self.services[si].config.name.as_str().into();
-        let addr = std::net::SocketAddr::from((worker::WORKER_HOST, port));
+        let addr = SocketAddr::from((worker::WORKER_HOST, port));
         let backend = worker_backend(id, &name, slot, addr, close, &self.metrics);
         let (lb_end, worker_end) = channel::pair()?;
         // The channel first: once the process runs, nothing may fail before it is tracked.

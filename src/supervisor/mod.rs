@@ -9,7 +9,8 @@
 //! the `rollout::Rollout` state machine, built the same way. The files beside this one
 //! carry out those effects, one concern each: `drive.rs` (a worker's life effects:
 //! signals, drains, deadlines), `lifecycle.rs` (spawning, readiness, exits, restarts),
-//! `checks.rs` (health checks), `rolling.rs` (a rollout's effects and restarts),
+//! `checks.rs` (health checks), `names.rs` (backends found by DNS, looked up by
+//! `resolve.rs`), `rolling.rs` (a rollout's effects and restarts),
 //! `reload.rs` (applying a changed config), `stop.rs` (lb's own graceful stop) and
 //! `orphans.rs` (processes a worker left outside its group).
 
@@ -22,11 +23,13 @@ mod health;
 mod life;
 mod lifecycle;
 mod messages;
+mod names;
 mod orphans;
 mod probe;
 mod reap;
 mod reload;
 mod report;
+mod resolve;
 mod rolling;
 mod rollout;
 mod service;
@@ -83,6 +86,14 @@ enum Event {
     Health {
         id: BackendId,
         ok: bool,
+    },
+    /// A lookup of a host name in a service's backends ended (`generation` tells
+    /// lookups started before a reload apart).
+    Resolved {
+        service: String,
+        generation: u64,
+        label: String,
+        answer: resolve::Answer,
     },
     /// A crashed worker's backoff delay has passed.
     RestartDue {
@@ -145,6 +156,8 @@ pub struct Supervisor {
     /// How long lb keeps accepting after SIGTERM, as the config said at start or at the
     /// last reload.
     shutdown_delay: Duration,
+    /// The DNS servers for host names in backends (`resolvers`); empty: the system's.
+    resolvers: Arc<[SocketAddr]>,
     services: Vec<ServiceState>,
     /// Every worker process lb runs: in its slot, starting as a replacement, or leaving.
     workers: BTreeMap<WorkerId, Worker>,
@@ -188,6 +201,7 @@ impl Supervisor {
             config_path,
             admin: config.admin,
             shutdown_delay: config.shutdown_delay,
+            resolvers: config.resolvers.as_slice().into(),
             services: Vec::new(),
             workers: BTreeMap::new(),
             rollout: Rollout::default(),
@@ -267,6 +281,12 @@ impl Supervisor {
             Event::Exited { pid, status } => self.exited(pid, status),
             Event::Probe { id, ok } => self.probed(id, ok),
             Event::Health { id, ok } => self.health_checked(id, ok),
+            Event::Resolved {
+                service,
+                generation,
+                label,
+                answer,
+            } => self.resolved(&service, generation, &label, answer),
             Event::RestartDue {
                 service,
                 slot,

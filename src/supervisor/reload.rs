@@ -11,7 +11,9 @@ use tracing::{error, info, warn};
 use super::Supervisor;
 use super::command::CommandError;
 use super::stop::Phase;
-use crate::config::{self, Config, ConfigErrors, ServiceChange, ServiceConfig, addresses_clash};
+use crate::config::{
+    self, BackendTarget, Config, ConfigErrors, ServiceChange, ServiceConfig, addresses_clash,
+};
 use crate::proxy;
 
 type Bound = Vec<(SocketAddr, TcpListener)>;
@@ -50,6 +52,7 @@ impl Supervisor {
         let diff = config::diff(&old, &config.services);
         let mut bound = self.bind_new(&diff).map_err(CommandError::Invalid)?;
         self.shutdown_delay = config.shutdown_delay;
+        self.resolvers = config.resolvers.as_slice().into();
         let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
         let unchanged = diff.is_empty();
         for name in &diff.removed {
@@ -68,6 +71,10 @@ impl Supervisor {
         self.converge();
         self.resume_rollout();
         self.start_feeds();
+        // Host names are looked up again on every reload, changed or not.
+        for si in 0..self.services.len() {
+            self.start_resolving(si);
+        }
         if unchanged {
             info!(%path, "reload: no change");
             return Ok("reload: no change".to_owned());
@@ -84,6 +91,7 @@ impl Supervisor {
         };
         let mut svc = self.services.remove(si);
         svc.listeners.close_all();
+        svc.names.stop();
         for s in &svc.statics {
             s.probe.cancel();
         }
@@ -127,8 +135,9 @@ impl Supervisor {
             info!(service = %name, %addr, "stopped listening");
         }
         let metrics = &self.metrics;
+        // Addresses of host names follow their names' answers (`start_resolving`).
         svc.statics.retain(|s| {
-            let keep = !change.backends_removed.contains(&s.spec());
+            let keep = s.resolved() || !change.backends_removed.contains(&s.from);
             if !keep {
                 s.probe.cancel();
                 metrics.forget_backend(&name, &s.backend.label);
@@ -151,7 +160,10 @@ impl Supervisor {
             self.restart_checks(si);
         }
         for spec in &change.backends_added {
-            let backend = self.static_backend(&name, spec);
+            let BackendTarget::Addr(addr) = spec.target else {
+                continue;
+            };
+            let backend = self.static_backend(&name, spec, addr, &spec.label);
             self.services[si].statics.push(backend);
             self.check_static(si, self.services[si].statics.len() - 1);
         }

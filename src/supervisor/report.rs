@@ -65,6 +65,7 @@ impl Supervisor {
                 .iter()
                 .map(|s| BackendStatus {
                     address: s.backend.label.to_string(),
+                    name: s.resolved().then(|| s.from.label.clone()),
                     weight: s.backend.weight,
                     state: if s.up { "ready" } else { "down" }.to_owned(),
                     health: health(checked, Some(s.health.up)),

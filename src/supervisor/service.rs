@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::health::Health;
 use super::life::{Worker, WorkerId};
+use super::names::Names;
 use super::state::WorkerState;
 use crate::balance::BalanceState;
 use crate::channel::Message;
@@ -70,10 +71,13 @@ pub(super) struct FeedState {
     pub last: Option<Message>,
 }
 
-/// A configured remote backend.
+/// A remote backend: an address from `backends`, or one address a host name there
+/// resolved to.
 #[derive(Debug)]
 pub(super) struct StaticBackend {
     pub backend: Arc<Backend>,
+    /// The `backends` entry it comes from.
+    pub from: BackendSpec,
     pub up: bool,
     /// Cancels its probe after a refused connect, and its health checks.
     pub probe: CancellationToken,
@@ -81,8 +85,12 @@ pub(super) struct StaticBackend {
 }
 
 impl StaticBackend {
+    /// The backend at `addr` for the entry `from`, labelled `label` in logs, metrics
+    /// and `/status`.
     pub(super) fn new(
-        spec: &BackendSpec,
+        from: &BackendSpec,
+        addr: SocketAddr,
+        label: &str,
         id: BackendId,
         close: CancellationToken,
         metrics: BackendMetrics,
@@ -90,13 +98,14 @@ impl StaticBackend {
         StaticBackend {
             backend: Arc::new(Backend {
                 id,
-                addr: spec.addr,
-                label: spec.label.as_str().into(),
-                weight: spec.weight,
+                addr,
+                label: label.into(),
+                weight: from.weight,
                 stats: Arc::default(),
                 metrics,
                 close,
             }),
+            from: from.clone(),
             // Like HAProxy without health checks: a configured server is up until it fails.
             up: true,
             probe: CancellationToken::new(),
@@ -104,12 +113,9 @@ impl StaticBackend {
         }
     }
 
-    pub(super) fn spec(&self) -> BackendSpec {
-        BackendSpec {
-            label: self.backend.label.to_string(),
-            addr: self.backend.addr,
-            weight: self.backend.weight,
-        }
+    /// Whether it is one of a host name's addresses.
+    pub(super) fn resolved(&self) -> bool {
+        self.from.host_name().is_some()
     }
 }
 
@@ -121,6 +127,8 @@ pub(super) struct ServiceState {
     pub listeners: ServiceListeners,
     pub metrics: Arc<ServiceMetrics>,
     pub feed: FeedState,
+    /// The host names among `backends`: their lookups and last answers.
+    pub names: Names,
     /// What balancing carries from pool to pool: the turn, the Maglev table.
     balance: BalanceState,
 }
@@ -137,6 +145,7 @@ impl ServiceState {
             listeners,
             metrics,
             feed: FeedState::default(),
+            names: Names::default(),
             balance: BalanceState::default(),
         }
     }
@@ -144,7 +153,12 @@ impl ServiceState {
     /// The backends that take new connections now, in slot order, then static ones.
     /// Rebuilds the source-hash table first if the configured backends changed.
     pub(super) fn pool(&mut self, workers: &BTreeMap<WorkerId, Worker>) -> Pool {
-        self.balance.configure(&self.config);
+        let statics = self
+            .statics
+            .iter()
+            .map(|s| (s.backend.label.to_string(), s.backend.weight))
+            .collect();
+        self.balance.configure(&self.config, statics);
         let workers = self
             .slots
             .iter()

@@ -88,6 +88,8 @@ impl Supervisor {
         let drain = self.longest_drain();
         info!(connections = self.proxy.tracker.len(), drain_timeout = ?drain, "stopping: listeners closed to new clients; serving the queued and open connections");
         for svc in &mut self.services {
+            // No new connection will need a backend's address.
+            svc.names.stop();
             let closing = svc
                 .listeners
                 .close_gracefully(since + svc.config.drain_timeout());

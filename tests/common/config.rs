@@ -97,6 +97,19 @@ impl Service {
         }
     }
 
+    /// A service named `name` with these `backends` entries as written (`host:port`
+    /// names, addresses, `{ address: ..., weight: N }`) and no workers.
+    pub fn backend_entries(name: &str, entries: &[&str]) -> Service {
+        Service {
+            name: name.to_owned(),
+            listen: None,
+            options: vec![("backends".to_owned(), format!("[{}]", entries.join(", ")))],
+            command: None,
+            workers: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
     /// Where it listens; the first service defaults to the harness's `{listen}`.
     pub fn listen(mut self, addr: impl ToString) -> Service {
         self.listen = Some(addr.to_string());
