@@ -342,10 +342,12 @@ fn removing_one_of_five_static_backends_moves_about_a_fifth_of_the_clients() {
         after.iter().all(|b| b != "b2"),
         "a client still reaches the removed backend"
     );
-    // 1/5 of 500 is 100; Maglev moves a few clients of the others too (about 2 %).
+    // 1/5 of 500 is 100; Maglev moves a few clients of the others too (up to about 3 % of
+    // the table). The table depends on the backends' ports, new each run, so the bound
+    // leaves room for an unlucky table rather than a flaky test.
     assert!((60..=150).contains(&moved), "{moved} of 500 clients moved");
     assert!(
-        of_others <= 25,
+        of_others <= 40,
         "{of_others} clients of backends that stayed moved"
     );
 }
