@@ -46,7 +46,9 @@ b1=$base; b2=$((base + 1)); p_lb=$((base + 2)); p_haproxy=$((base + 3)); p_nginx
 
 # Requests/s and p99 under wrk, every peer started once.
 throughput() {
-# The backends: one nginx serving a 128-byte body on two ports.
+# The backends: one nginx serving a 128-byte body on two ports. Its workers run as an
+# unprivileged user, so they must be able to enter the (mktemp, 0700) work folder.
+chmod 755 "$work"
 mkdir -p "$work/backend"
 head -c 128 /dev/zero | tr '\0' 'x' > "$work/backend/index.html"
 cat > "$work/backend.conf" <<CONF
@@ -125,11 +127,11 @@ measure() { # $1 port, $2 "close" for a new connection per request
   local rps p99 errors
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt")
   p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
-  errors=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' "$work/wrk.txt")
+  errors=$(awk -F'[ ,]+' '/Socket errors/ {n += $4+$6+$8+$10} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
   echo "${rps:-0} ${p99:-?} ${errors:-0}"
 }
 
-echo "| load | peer | requests/s | vs direct | p99 latency | socket errors |"
+echo "| load | peer | requests/s | vs direct | p99 latency | failed requests |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for mode in keep-alive new-connection; do
   args=""; [ "$mode" = new-connection ] && args="close"
