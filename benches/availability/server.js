@@ -1,16 +1,33 @@
 // The app of the availability bench: a small HTTP server, run either by lb (PORT) or
 // as a worker of Node's cluster module (cluster.js). CRASH_WITHIN_MS=N makes it crash
-// at a random moment between N/2 and N ms after it starts listening.
+// at a random moment between N/2 and N ms after it starts listening. It answers lb's
+// drain message as examples/node-cluster/server.js does; IGNORE_DRAIN=1 leaves it
+// unanswered.
 const http = require("node:http");
 
 const port = Number(process.env.PORT || 8080);
 const host = process.env.HOST || "127.0.0.1";
 const id = process.env.LB_WORKER_ID ?? process.env.WORKER_ID ?? "?";
 
+let draining = false;
+
 const server = http.createServer((req, res) => {
+  // Once draining, each keep-alive client is told to take its next request elsewhere.
+  if (draining) res.setHeader("Connection", "close");
   res.end(`ok from worker ${id}\n`);
 });
 server.listen(port, host);
+
+// {"lb":"drain","timeout_ms":N} on lb's channel: this worker is out of rotation and gets
+// no new connection. Closing the idle keep-alive connections sends their clients to the
+// workers in rotation at once, instead of holding this one until drain_timeout.
+process.on("message", (msg) => {
+  if (msg && msg.lb === "drain" && !process.env.IGNORE_DRAIN) {
+    draining = true;
+    server.close();
+    server.closeIdleConnections();
+  }
+});
 
 const crashWithin = Number(process.env.CRASH_WITHIN_MS || 0);
 if (crashWithin > 0) {
