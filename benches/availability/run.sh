@@ -21,7 +21,9 @@
 # worker has exited, and 2 s more. WORKERS (default 16), DRAIN_TIMEOUT (30s),
 # ROLLOUT_WATCH (2s; empty leaves the key out), CONNECTIONS (32), CAP (540 s: how long
 # to wait for the rollout and for the old workers). IGNORE_DRAIN=1 makes server.js leave
-# lb's drain message unanswered. LOGS=DIR keeps lb's log and wrk's output there.
+# lb's drain message unanswered; DRAIN_GRACE_MS=N makes it close idle connections N ms
+# after the message (default 200; 0: at once), for lb's workers in either scenario.
+# LOGS=DIR keeps lb's log and wrk's output there.
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -55,8 +57,15 @@ YAML
   if [ -n "${4:-}" ]; then echo "      rollout_watch: $4" >> "$work/lb.yaml"; fi
 }
 
+# The workers' env entries that IGNORE_DRAIN and DRAIN_GRACE_MS ask for.
+drain_env() {
+  if [ -n "${IGNORE_DRAIN:-}" ]; then echo 'IGNORE_DRAIN: "1"'
+  elif [ -n "${DRAIN_GRACE_MS:-}" ]; then echo "DRAIN_GRACE_MS: \"$DRAIN_GRACE_MS\""; fi
+}
+
 start_lb() { # $1: extra env line for the workers
-  write_config "$1" "${WORKERS:-2}" 5s ""
+  local env; env=$(drain_env)
+  write_config "$1${1:+${env:+, }}$env" "${WORKERS:-2}" 5s ""
   "$lb" --config "$work/lb.yaml" > "$work/server.log" 2>&1 &
   echo $!
 }
@@ -81,10 +90,11 @@ load() {
   wrk -t2 -c32 -d"${duration}s" -H "Connection: close" "http://127.0.0.1:$port/" > "$work/wrk.txt" 2>&1 || true
 }
 
-# Failed requests: wrk's socket errors plus non-2xx responses.
+# Failed requests: wrk's socket errors plus non-2xx responses. The line starts with
+# blanks, so with this FS $1 is empty and the counts are fields 5, 7, 9 and 11.
 failed() {
   local errors non2xx
-  errors=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' "$work/wrk.txt")
+  errors=$(awk -F'[ ,]+' '/Socket errors/ {print $5+$7+$9+$11}' "$work/wrk.txt")
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
   echo $(( ${errors:-0} + ${non2xx:-0} ))
 }
@@ -144,10 +154,12 @@ LUA
 keepalive() {
   local count="${WORKERS:-16}" drain="${DRAIN_TIMEOUT:-30s}" watch="${ROLLOUT_WATCH-2s}"
   local conns="${CONNECTIONS:-32}" cap="${CAP:-540}"
-  local build t0 t1 t2 took gone old left total sent answered unanswered wrkpid handler=on
-  if [ -n "${IGNORE_DRAIN:-}" ]; then handler="off (IGNORE_DRAIN=1)"; fi
+  local build t0 t1 t2 took gone old left total sent answered unanswered wrkpid
+  local handler="closes idle connections after ${DRAIN_GRACE_MS:-200} ms"
+  if [ "${DRAIN_GRACE_MS:-}" = 0 ]; then handler="closes idle connections at once"; fi
+  if [ -n "${IGNORE_DRAIN:-}" ]; then handler="ignores it (IGNORE_DRAIN=1)"; fi
   build=$(git -C "$(dirname "$lb")" rev-parse --short HEAD 2>/dev/null || echo "?")
-  write_config "${IGNORE_DRAIN:+IGNORE_DRAIN: \"1\"}" "$count" "$drain" "$watch"
+  write_config "$(drain_env)" "$count" "$drain" "$watch"
   "$lb" --config "$work/lb.yaml" > "$work/server.log" 2>&1 &
   lbpid=$!
   wait_up
@@ -192,7 +204,7 @@ case "${1:-all}" in
   restarts) restarts ;;
   keepalive|all)
     if [ "${1:-all}" = all ]; then restarts; echo; fi
-    echo "| lb build | workers | drain_timeout | rollout_watch | drain handler | requests | failed | closed unanswered | \`lb restart\` took | old workers gone after |"
+    echo "| lb build | workers | drain_timeout | rollout_watch | server.js on the drain message | requests | failed | closed unanswered | \`lb restart\` took | old workers gone after |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     keepalive ;;
   *) echo "usage: $0 [all|restarts|keepalive]" >&2; exit 2 ;;
