@@ -70,7 +70,7 @@ YAML
   rps=$(awk '/Requests\/sec/ {print int($2)}' "$work/wrk.txt")
   p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
   # A variant whose requests fail (a backend refusing the PROXY header) must not pass for fast.
-  failed=$(awk -F'[ ,]+' '/Socket errors/ {n += $4 + $6 + $8 + $10} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
+  failed=$(awk -F'[ ,]+' '/Socket errors/ {n += $5 + $7 + $9 + $11} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
   [ "$failed" = 0 ] || { echo "$variant: $failed failed requests" >&2; cat "$work/wrk.txt" >&2; exit 1; }
   echo "${rps:-0} ${p99:--}"
 }

@@ -127,7 +127,7 @@ measure() { # $1 port, $2 "close" for a new connection per request
   local rps p99 errors
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt")
   p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
-  errors=$(awk -F'[ ,]+' '/Socket errors/ {n += $4+$6+$8+$10} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
+  errors=$(awk -F'[ ,]+' '/Socket errors/ {n += $5+$7+$9+$11} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
   echo "${rps:-0} ${p99:-?} ${errors:-0}"
 }
 

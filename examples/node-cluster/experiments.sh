@@ -75,7 +75,7 @@ load() { # prints "requests/s | failed"
   wrk -t2 -c200 -d10s -H "Connection: close" "http://127.0.0.1:$port/" > "$work/wrk.txt" 2>&1 || true
   local rps errors non2xx
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt")
-  errors=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' "$work/wrk.txt")
+  errors=$(awk -F'[ ,]+' '/Socket errors/ {print $5+$7+$9+$11}' "$work/wrk.txt")  # $1 is empty
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
   echo "${rps:-0} | $(( ${errors:-0} + ${non2xx:-0} ))"
 }
