@@ -123,7 +123,12 @@ impl Supervisor {
             Effect::CloseConnections => w.backend.close.cancel(),
             Effect::Signal(signal) => {
                 worker::signal_group(w.pid, signal);
-                orphans::signal(Arc::clone(&w.service), w.backend.addr.port(), w.pid, signal);
+                // Its stop signal reaches what it left outside its group too; a SIGKILL
+                // is always followed by `Forget`, which kills those, so one scan of
+                // /proc per worker is enough.
+                if signal != Signal::SIGKILL {
+                    orphans::signal(Arc::clone(&w.service), w.backend.addr.port(), w.pid, signal);
+                }
             }
             Effect::DeadlineAt(at) => self.at(at, Event::Deadline { id, at }),
             Effect::WatchGroup => {
