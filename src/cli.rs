@@ -61,6 +61,9 @@ pub enum Command {
         #[arg(long, value_parser = service_name)]
         service: Option<String>,
     },
+    /// Exit 0 when a running lb's GET /healthz answers 200 (every service has a ready
+    /// backend), else 1 with one line: a Docker HEALTHCHECK or a Kubernetes exec probe.
+    Health,
     /// Internal: the helper lb starts to kill its workers if lb itself is killed.
     #[command(hide = true)]
     Watchdog,

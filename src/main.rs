@@ -15,6 +15,10 @@ use lb::{config, logging, output};
 /// How long `lb status`, `lb reload` and `lb broadcast` wait for an answer.
 const ANSWER: Option<Duration> = Some(Duration::from_secs(15));
 
+/// How long `lb health` waits: lb answers /healthz within a second, and a probe that
+/// hangs longer than the orchestrator's own timeout tells it nothing.
+const HEALTH_ANSWER: Option<Duration> = Some(Duration::from_secs(3));
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
@@ -59,6 +63,14 @@ fn main() -> ExitCode {
                 Ok(format!("delivered to {} workers\n", answer["delivered"]))
             })
         }
+        Some(Command::Health) => client_command(
+            &cli,
+            Method::GET,
+            "/healthz",
+            String::new(),
+            HEALTH_ANSWER,
+            |body| Ok(format!("{}\n", body.trim_end())),
+        ),
         Some(Command::Watchdog) => match lb::supervisor::serve_watchdog() {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,

@@ -47,10 +47,30 @@ fn healthz_is_200_with_ready_workers_and_503_when_a_service_has_none() {
     lb.wait_ready(2);
     let (code, body) = lb.admin("GET", "/healthz", b"");
     assert_eq!((code, body.as_str()), (503, "no ready backend: crashy\n"));
+    // `lb health`, the container HEALTHCHECK: exit 1 with one line saying why.
+    let health = lb.cli(&["health"]);
+    assert_eq!(health.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&health.stderr);
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.contains("crashy"), "{said}");
 
     let ok = Lb::start(TWO_ECHO_WORKERS);
     ok.wait_ready(2);
     assert_eq!(ok.admin("GET", "/healthz", b""), (200, "ok\n".to_owned()));
+    assert_eq!(ok.cli(&["health"]).status.code(), Some(0));
+}
+
+#[test]
+fn health_fails_with_one_line_when_no_lb_answers() {
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let health = Command::new(LB)
+        .args(["health", "--admin", &nobody])
+        .output()
+        .expect("run lb health");
+    assert_eq!(health.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&health.stderr);
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.contains(&nobody), "{said}");
 }
 
 #[test]
