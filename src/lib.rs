@@ -20,7 +20,8 @@
 //! HTTP API (status, metrics, reload, restart, broadcast) and its client, [`metrics`] the
 //! Prometheus registry, [`signals`] turns Unix signals into
 //! supervisor events, [`logging`] sets up logs and forwards worker output, [`cli`] is the
-//! command line.
+//! command line, and [`systemd`] speaks systemd's readiness and socket-activation
+//! protocols.
 //!
 //! # Theory of operation
 //!
@@ -46,6 +47,7 @@ pub mod proxy;
 pub mod signals;
 pub mod snapshot;
 pub mod supervisor;
+pub mod systemd;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,6 +100,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                 metrics,
             },
         );
+    }
+    for addr in systemd::activation::untaken() {
+        tracing::warn!(%addr, "a socket passed by systemd matches no listen address; it stays unused");
     }
     supervisor.run().await;
     logging::forwarded(std::time::Duration::from_secs(1)).await;

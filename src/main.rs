@@ -112,6 +112,7 @@ fn run(cli: &Cli) -> ExitCode {
 fn run_until_stopped(cli: &Cli) -> ExitCode {
     output::start();
     logging::init(cli.log_format);
+    lb::systemd::activation::adopt();
     let config = match config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {

@@ -45,11 +45,14 @@ pub struct Admin {
 
 type Reply = Response<Full<Bytes>>;
 
-/// Binds the admin address; like a listen address, failing to is a startup error.
+/// Binds the admin address (or takes the socket systemd passed for it); like a listen
+/// address, failing to is a startup error.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("admin API: could not listen on {addr}"))
+    let listener = match crate::systemd::activation::take(addr) {
+        Some(passed) => passed,
+        None => TcpListener::bind(addr).await,
+    };
+    listener.with_context(|| format!("admin API: could not listen on {addr}"))
 }
 
 /// Serves the admin API until lb exits.

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -144,7 +145,11 @@ async fn accept_queued(
     let Ok(listener) = listener.into_std() else {
         return;
     };
-    if let Ok(none) = Backlog::new(0) {
+    // A socket systemd passed stays open after lb closes its copy, and the next lb
+    // takes its queue: its backlog stays whole.
+    if !crate::systemd::activation::is_passed(listener.as_fd())
+        && let Ok(none) = Backlog::new(0)
+    {
         let _ = listen(&listener, none);
     }
     let give_up = proxy.connections.clone();

@@ -75,8 +75,11 @@ pub fn bind(service: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAd
         .collect()
 }
 
-/// Binds one listen address.
+/// Binds one listen address, or takes the socket systemd passed for it.
 pub fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if let Some(passed) = crate::systemd::activation::take(addr) {
+        return passed;
+    }
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -61,6 +61,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::snapshot::{BackendId, Snapshot, Snapshots};
+use crate::systemd::Notifier;
 use life::{Worker, WorkerId};
 use rollout::Rollout;
 use service::ServiceState;
@@ -144,6 +145,8 @@ enum Event {
     DrainDeadline,
     /// lb is stopping: every proxied connection has ended.
     ConnectionsDone,
+    /// Time to tell systemd's watchdog that the supervisor still handles events.
+    WatchdogTick,
 }
 
 /// Listeners bound before the supervisor starts, by service name.
@@ -176,6 +179,10 @@ pub struct Supervisor {
     /// Drain messages to send once the next snapshot is published.
     drain_messages: Vec<(WorkerId, u64)>,
     watchdog: Watchdog,
+    /// systemd's `Type=notify` socket, if lb runs under it.
+    notifier: Notifier,
+    /// `READY=1` has been sent: every service had a ready backend once.
+    told_ready: bool,
     metrics: Metrics,
     feed_runs: feed::FeedRuns,
     /// The gauge series last exported, so series of removed slots and services go away.
@@ -216,6 +223,8 @@ impl Supervisor {
             checking_groups: false,
             drain_messages: Vec::new(),
             watchdog,
+            notifier: Notifier::from_env(),
+            told_ready: false,
             metrics,
             feed_runs: feed::FeedRuns::default(),
             exported: report::Exported::default(),
@@ -243,6 +252,9 @@ impl Supervisor {
                 info!(service = %svc.config.name, %addr, "listening");
             }
         }
+        if let Some(every) = self.notifier.watchdog_every() {
+            self.after(every, Event::WatchdogTick);
+        }
         Ok(())
     }
 
@@ -255,6 +267,7 @@ impl Supervisor {
                     let read_only = match &event {
                         Event::Command(Command::Status { .. }) => true,
                         Event::Message { value, .. } => *value != "ready",
+                        Event::WatchdogTick => true,
                         _ => false,
                     };
                     self.handle(event);
@@ -321,13 +334,27 @@ impl Supervisor {
             Event::ListenersClosed { service } => self.listeners_closed(&service),
             Event::DrainDeadline => self.drain_deadline(),
             Event::ConnectionsDone => self.connections_done(),
+            Event::WatchdogTick => {
+                // Sent from the actor itself, so a supervisor that stops handling events
+                // stops the pings and systemd restarts lb.
+                self.notifier.watchdog();
+                if let Some(every) = self.notifier.watchdog_every() {
+                    self.after(every, Event::WatchdogTick);
+                }
+            }
         }
     }
 
     fn command(&mut self, command: Command) {
         match command {
             Command::Reload { config, reply } => {
+                self.notifier.reloading();
                 let result = self.reload(*config);
+                // Before the first READY=1, the next publish with every service served
+                // sends it.
+                if self.told_ready {
+                    self.notifier.ready();
+                }
                 command::answer(reply, result);
             }
             Command::Restart {
@@ -384,7 +411,12 @@ impl Supervisor {
             }
             snapshot.pools.insert(svc.config.name.clone(), pool);
         }
+        let serving = snapshot.pools.values().all(|pool| !pool.is_empty());
         self.snapshots.publish(snapshot);
+        if serving && !self.told_ready && self.phase == Phase::Running {
+            self.notifier.ready();
+            self.told_ready = true;
+        }
         self.export_gauges();
         self.send_drain_messages();
     }

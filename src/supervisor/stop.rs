@@ -58,6 +58,7 @@ impl Supervisor {
             return;
         }
         self.phase = Phase::Leaving;
+        self.notifier.stopping();
         if self.rollout.active() {
             warn!("rollout abandoned: lb is stopping");
         }

@@ -52,11 +52,8 @@ pub(super) fn spawn(
         .map(|a| id.substitute(a))
         .collect();
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(&cfg.cwd)
-        // Inherited from a Node parent, it turns the worker into a cluster worker whose
-        // listen() never completes.
-        .env_remove("NODE_UNIQUE_ID")
+    cmd.args(&argv[1..]).current_dir(&cfg.cwd);
+    keep_lbs_own_env(&mut cmd)
         .envs(cfg.env.iter().map(|(k, v)| (k, id.substitute(v))))
         .env("PORT", id.port.to_string())
         .env("HOST", WORKER_HOST.to_string())
@@ -81,13 +78,24 @@ pub(super) fn spawn_feed(
 ) -> io::Result<(Pid, ChildStdout)> {
     let argv = feed.command.argv();
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(&cfg.cwd)
-        .env_remove("NODE_UNIQUE_ID")
+    cmd.args(&argv[1..]).current_dir(&cfg.cwd);
+    keep_lbs_own_env(&mut cmd)
         .envs(&cfg.env)
         .env("LB_SERVICE", service);
     let (pid, stdout) = launch(cmd, &argv[0], &format!("{service}/feed"), true)?;
     Ok((pid, stdout.expect("launch captures stdout when asked")))
+}
+
+/// Removes what lb inherited for itself from a child's environment; `env` in the
+/// config can still set any of it.
+fn keep_lbs_own_env(cmd: &mut Command) -> &mut Command {
+    // Inherited from a Node parent, it turns the worker into a cluster worker whose
+    // listen() never completes.
+    cmd.env_remove("NODE_UNIQUE_ID");
+    for name in crate::systemd::PRIVATE_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
 }
 
 /// Spawns `cmd` in its own process group, dying with lb, with its stderr (and stdout,

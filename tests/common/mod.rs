@@ -128,28 +128,50 @@ impl Lb {
 
     /// As [`Lb::start`], with more environment variables for lb.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Lb {
-        Lb::start_full(config, &[], env, Output::Log)
+        Lb::start_full(config, &[], &[], env, Output::Log)
+    }
+
+    /// As [`Lb::start`], with lb run by `wrapper` (`wrapper… lb --config FILE`) and more
+    /// environment variables; `{listen}` and `{admin}` in `wrapper` become the addresses
+    /// the config's placeholders get.
+    pub fn start_under(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Lb {
+        Lb::start_full(config, wrapper, &[], env, Output::Log)
     }
 
     /// As [`Lb::start`], with more command-line arguments for lb.
     pub fn start_with(config: &str, args: &[&str]) -> Lb {
-        Lb::start_full(config, args, &[], Output::Log)
+        Lb::start_full(config, &[], args, &[], Output::Log)
     }
 
     /// As [`Lb::start`], with lb's stdout a pipe that nobody reads (a stalled pager or
     /// log shipper); its stderr is the log as usual.
     pub fn start_with_stdout_stalled(config: &str) -> Lb {
-        Lb::start_full(config, &[], &[], Output::StdoutStalled)
+        Lb::start_full(config, &[], &[], &[], Output::StdoutStalled)
     }
 
-    fn start_full(config: &str, args: &[&str], env: &[(&str, &str)], output: Output) -> Lb {
+    fn start_full(
+        config: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        output: Output,
+    ) -> Lb {
         let dir = tempfile::tempdir().expect("temp dir");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, expand(config, listen, admin)).expect("write config");
-        let mut command = Command::new(LB);
+        let wrapper: Vec<String> = wrapper
+            .iter()
+            .map(|arg| {
+                arg.replace("{listen}", &listen.to_string())
+                    .replace("{admin}", &admin.to_string())
+            })
+            .chain([LB.to_owned()])
+            .collect();
+        let mut command = Command::new(&wrapper[0]);
         command
+            .args(&wrapper[1..])
             .args(args)
             .arg("--config")
             .arg(&path)
