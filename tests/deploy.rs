@@ -255,9 +255,11 @@ fn problems(docs: &[Value], scratch: &Path) -> Vec<String> {
                     ));
                 }
                 // The admin API stays on loopback, so the probes run lb in the container.
-                let admin = config["admin"]["listen"]
-                    .as_str()
-                    .unwrap_or("127.0.0.1:9900");
+                // Left out, it is 127.0.0.1:9900; null turns it off, and the probes with it.
+                let admin = match config.get("admin").and_then(|a| a.get("listen")) {
+                    None => "127.0.0.1:9900",
+                    Some(listen) => listen.as_str().unwrap_or("off"),
+                };
                 if !admin
                     .parse::<SocketAddr>()
                     .is_ok_and(|a| a.ip().is_loopback())
