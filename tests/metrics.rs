@@ -260,4 +260,54 @@ fn deploy_files_use_only_contract_metrics_and_pass_promtool() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    // The dashboard's queries are PromQL that Prometheus parses: each one, its Grafana
+    // variables given values, becomes a recording rule for `promtool check rules`.
+    let mut queries = Vec::new();
+    dashboard_queries(&parsed, &mut queries);
+    assert!(queries.len() >= 8, "dashboard queries: {queries:?}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let check = |queries: &[String]| {
+        let rules: Vec<serde_json::Value> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let expr = q
+                    .replace("$__rate_interval", "5m")
+                    .replace("$service", ".+");
+                serde_json::json!({ "record": format!("dashboard:query_{i}"), "expr": expr })
+            })
+            .collect();
+        let file = dir.path().join("dashboard-rules.json");
+        let groups = serde_json::json!({ "groups": [{ "name": "dashboard", "rules": rules }] });
+        std::fs::write(&file, groups.to_string()).expect("write rules");
+        let out = Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()
+            .expect("promtool");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&queries);
+    assert!(ok, "dashboard queries: {text}\n{queries:#?}");
+    // And the check can fail: an unclosed parenthesis is caught.
+    let (ok, text) = check(&["sum(rate(lb_connections_total[$__rate_interval])".into()]);
+    assert!(!ok, "a broken query passed: {text}");
+}
+
+/// Every `expr` of a Grafana dashboard, however deep its panels nest.
+fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match v.as_str() {
+                    Some(expr) if key == "expr" => out.push(expr.to_owned()),
+                    _ => dashboard_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_queries(v, out)),
+        _ => {}
+    }
 }
