@@ -3,8 +3,8 @@
 //! per read: the connection path only increments handles resolved beforehand.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric family of the contract.
@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Rollouts by result (`ok`, `halted`), so a halted
     /// deploy can alert.
     pub rollouts_total: IntCounterVec,
+    /// Resident memory of each worker slot's process group.
+    pub worker_memory: IntGaugeVec,
+    /// CPU time of each worker slot's process groups, every process it has run.
+    pub worker_cpu: CounterVec,
 }
 
 /// The handles of one backend (`worker` is the slot id or the static address).
@@ -60,39 +64,41 @@ pub struct DroppedMetrics {
 const DROP_REASONS: [&str; 3] = ["no_backend", "connect_failed", "resources"];
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are valid");
-    registry
-        .register(Box::new(vec.clone()))
-        .expect("each metric is registered once");
-    vec
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let vec =
-        IntGaugeVec::new(Opts::new(name, help), labels).expect("metric names and labels are valid");
+    registered(registry, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// Registers a metric family lb defines; its name and labels are fixed in the code.
+fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("metric names and labels are valid");
     registry
-        .register(Box::new(vec.clone()))
+        .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
-    vec
+    metric
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let r = Registry::new();
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "lb_connection_duration_seconds",
-                "How long proxied connections lasted.",
-            )
-            .buckets(vec![
-                0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
-            ]),
-            &["service"],
-        )
-        .expect("metric names and labels are valid");
-        r.register(Box::new(duration.clone()))
-            .expect("each metric is registered once");
+        let duration = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "lb_connection_duration_seconds",
+                    "How long proxied connections lasted.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
+                ]),
+                &["service"],
+            ),
+        );
         let metrics = Metrics {
             connections_total: counter(
                 &r,
@@ -161,8 +167,36 @@ impl Default for Metrics {
                 "Rolling restarts, by result (ok, halted).",
                 &["result"],
             ),
+            worker_memory: gauge(
+                &r,
+                "lb_worker_memory_bytes",
+                "Resident memory of the worker's whole process group.",
+                &["service", "worker"],
+            ),
+            worker_cpu: registered(
+                &r,
+                CounterVec::new(
+                    Opts::new(
+                        "lb_worker_cpu_seconds_total",
+                        "CPU time used by the worker's process group.",
+                    ),
+                    &["service", "worker"],
+                ),
+            ),
             registry: r,
         };
+        let build = registered(
+            &metrics.registry,
+            IntGaugeVec::new(
+                Opts::new("lb_build_info", "Always 1; the version of lb running."),
+                &["version"],
+            ),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // lb's own CPU, memory, descriptors and start time (process_*).
+        let _ = metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         // Series with a known label set exist at 0 from the start: an alert on
         // `increase(...)` cannot see the first event of a series that appears at 1.
         for result in ["ok", "error"] {
@@ -187,7 +221,7 @@ impl Metrics {
 
     /// Makes a worker slot's restart series visible at 0 from the start.
     pub fn slot(&self, service: &str, slot: &str) {
-        for reason in ["crash", "rollout", "scale"] {
+        for reason in ["crash", "rollout", "scale", "health", "memory"] {
             self.worker_restarts_total
                 .with_label_values(&[service, slot, reason]);
         }

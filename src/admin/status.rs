@@ -32,6 +32,12 @@ pub struct WorkerStatus {
     /// `up` or `down` by its health checks, `unchecked` without `health_check`.
     pub health: String,
     pub uptime_seconds: Option<f64>,
+    /// Resident memory of its whole process group; None without a process.
+    pub memory_bytes: Option<u64>,
+    /// CPU time its process group has used.
+    pub cpu_seconds: Option<f64>,
+    /// CPU use over the last second, in percent of one CPU (as `pm2 ls` shows it).
+    pub cpu_percent: Option<f64>,
     pub restarts: u32,
     pub active_connections: usize,
 }
@@ -64,6 +70,8 @@ impl Status {
                 "PORT",
                 "STATE",
                 "HEALTH",
+                "CPU",
+                "MEMORY",
                 "UPTIME",
                 "RESTARTS",
                 "CONNECTIONS",
@@ -79,6 +87,8 @@ impl Status {
                     w.port.map_or("-".into(), |p| p.to_string()),
                     w.state.clone(),
                     w.health.clone(),
+                    w.cpu_percent.map_or("-".into(), |p| format!("{p:.0}%")),
+                    w.memory_bytes.map_or("-".into(), memory),
                     w.uptime_seconds.map_or("-".into(), uptime),
                     w.restarts.to_string(),
                     w.active_connections.to_string(),
@@ -94,11 +104,13 @@ impl Status {
                     b.health.clone(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
+                    "-".into(),
                     b.active_connections.to_string(),
                 ]);
             }
         }
-        let widths: Vec<usize> = (0..9)
+        let widths: Vec<usize> = (0..rows[0].len())
             .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
@@ -111,6 +123,22 @@ impl Status {
             let _ = writeln!(out, "{}", cells.join("  ").trim_end());
         }
         out
+    }
+}
+
+/// `48.2 MiB`, `1.1 GiB`: as `pm2 ls` shows memory.
+fn memory(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -143,6 +171,9 @@ mod tests {
                     state: "ready".into(),
                     health: "unchecked".into(),
                     uptime_seconds: Some(125.0),
+                    memory_bytes: Some(50_541_773),
+                    cpu_seconds: Some(1.5),
+                    cpu_percent: Some(2.6),
                     restarts: 1,
                     active_connections: 3,
                 }],
@@ -153,11 +184,11 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "SERVICE  WORKER  PID   PORT   STATE  HEALTH     UPTIME  RESTARTS  CONNECTIONS"
+            "SERVICE  WORKER  PID   PORT   STATE  HEALTH     CPU  MEMORY    UPTIME  RESTARTS  CONNECTIONS"
         );
         assert_eq!(
             lines[1],
-            "web      0       4242  40000  ready  unchecked  2m 5s   1         3"
+            "web      0       4242  40000  ready  unchecked  3%   48.2 MiB  2m 5s   1         3"
         );
     }
 }

@@ -100,6 +100,9 @@ pub struct WorkersConfig {
     /// A rollout's replacement that exits within this long after it became ready
     /// halts the rollout.
     pub rollout_watch: Duration,
+    /// A worker whose process group's resident memory stays above this many bytes is
+    /// replaced, drain first.
+    pub max_memory: Option<u64>,
 }
 
 /// `workers.feed`: a command run every `every` whose JSON output is broadcast.
@@ -131,13 +134,14 @@ impl ServiceConfig {
 
 impl WorkersConfig {
     /// Whether a worker started with `self` runs as one started with `other` would: every
-    /// setting but `count`, `feed` and `rollout_watch`, which are about the service and
-    /// its rollouts, not the process.
+    /// setting but `count`, `feed`, `rollout_watch` and `max_memory`, which are about the
+    /// service, its rollouts and how lb watches it, not the process.
     pub fn same_process(&self, other: &WorkersConfig) -> bool {
         WorkersConfig {
             count: other.count,
             feed: other.feed.clone(),
             rollout_watch: other.rollout_watch,
+            max_memory: other.max_memory,
             ..self.clone()
         } == *other
     }

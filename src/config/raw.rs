@@ -7,9 +7,9 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::types::{
-    AdminListen, BackendSpec, Balance, CheckCount, CommandSpec, ConnectionLimit, DurationStr, Flag,
-    HttpPath, ListenAddrs, PositiveDuration, ProxyProtocol, ReadyCheck, Resolver, ScalarText,
-    ServiceName, SignalName, WorkerCount,
+    AdminListen, BackendSpec, Balance, ByteSize, CheckCount, CommandSpec, ConnectionLimit,
+    DurationStr, Flag, HttpPath, ListenAddrs, PositiveDuration, ProxyProtocol, ReadyCheck,
+    Resolver, ScalarText, ServiceName, SignalName, WorkerCount,
 };
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +106,8 @@ pub(super) struct RawWorkers {
     pub feed: Option<RawFeed>,
     #[serde(default)]
     pub rollout_watch: Option<DurationStr>,
+    #[serde(default)]
+    pub max_memory: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -83,6 +83,40 @@ fn duration<'de, D: Deserializer<'de>>(d: D, zero_allowed: bool) -> Result<Durat
     }
 }
 
+/// A size in bytes written with its unit: `512MiB`, `1GiB`, `200MB`, `64KiB`, `4096B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Binary units first, so `MiB` is not read as `M` + `iB`.
+    const UNITS: [(&'static str, u64); 7] = [
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+
+    fn parse(text: &str) -> Option<u64> {
+        let (number, unit) = Self::UNITS
+            .iter()
+            .find_map(|(name, unit)| Some((text.strip_suffix(name)?.trim_end(), *unit)))?;
+        let number: u64 = number.parse().ok()?;
+        number.checked_mul(unit).filter(|bytes| *bytes > 0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarText::deserialize(d)?;
+        ByteSize::parse(&text.0)
+            .map(ByteSize)
+            .ok_or_else(|| invalid("a size like 512MiB, 1GiB or 200MB", shown(&text.0)))
+    }
+}
+
 /// `workers.count`: a positive integer, or `auto` for the number of available CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerCount {
@@ -724,6 +758,28 @@ pub fn choice<E: de::Error>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_are_read_with_their_unit() {
+        use super::ByteSize;
+        assert_eq!(ByteSize::parse("512MiB"), Some(512 << 20));
+        assert_eq!(ByteSize::parse("1GiB"), Some(1 << 30));
+        assert_eq!(ByteSize::parse("200MB"), Some(200_000_000));
+        assert_eq!(ByteSize::parse("64 KiB"), Some(64 << 10));
+        assert_eq!(ByteSize::parse("4096B"), Some(4096));
+        for bad in [
+            "512",
+            "0MiB",
+            "-1MiB",
+            "1.5GiB",
+            "MiB",
+            "99999999999GiB",
+            "512mib",
+        ] {
+            assert_eq!(ByteSize::parse(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     fn parse<T: for<'de> Deserialize<'de>>(yaml: &str) -> Result<T, String> {

@@ -293,6 +293,7 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
         }),
         restart_backoff,
         rollout_watch: raw.rollout_watch.map_or(DEFAULT_ROLLOUT_WATCH, |d| d.0),
+        max_memory: raw.max_memory.map(|m| m.0),
     })
 }
 

@@ -152,22 +152,8 @@ impl Supervisor {
         if out_for <= w.config.ready_timeout || !self.phase.keeps_workers() {
             return;
         }
-        let Some((si, slot)) = self.slot_of(id) else {
-            return;
-        };
-        let (service, pid) = (Arc::clone(&w.service), w.pid);
+        let (service, pid, slot) = (Arc::clone(&w.service), w.pid, w.slot);
         warn!(%service, worker = slot, %pid, ?out_for, "worker kept out of rotation by its health checks longer than ready_timeout; replacing it");
-        let s = &mut self.services[si].slots[slot];
-        s.restarts += 1;
-        s.worker = None;
-        self.metrics
-            .worker_restarts_total
-            .with_label_values(&[&*service, &slot.to_string(), "health"])
-            .inc();
-        self.retire(id, "health");
-        // A rollout's replacement already starting takes the slot when ready.
-        if !self.rollout.starting_for(&service, slot) {
-            self.start_or_backoff(si, slot);
-        }
+        self.replace(id, "health");
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
 use super::state::WorkerState;
+use super::usage::Usage;
 use crate::channel::Channel;
 use crate::config::WorkersConfig;
 use crate::snapshot::{Backend, BackendId};
@@ -125,6 +126,8 @@ pub(super) struct Worker {
     pub probe: CancellationToken,
     /// What its health checks say, once it is ready.
     pub health: Health,
+    /// Its memory and CPU, sampled every second.
+    pub usage: Usage,
     /// Messages dropped in the current run of drops (0: it reads its channel).
     pub dropped: u64,
     pub last_drop: Option<Instant>,

@@ -16,6 +16,7 @@ use super::health::Health;
 use super::life::{Input, Life, Worker, WorkerId};
 use super::rolling::View;
 use super::service::{ServiceState, Slot, StaticBackend, worker_backend};
+use super::usage::Usage;
 use super::{Event, ExitStatus, Supervisor, WorkerState, probe, worker};
 use crate::channel::{self, Channel};
 use crate::config::{BackendSpec, BackendTarget, ReadyCheck, ServiceConfig, WorkersConfig};
@@ -199,11 +200,34 @@ impl Supervisor {
             leave_reason: None,
             probe,
             health: Health::default(),
+            usage: Usage::default(),
             dropped: 0,
             last_drop: None,
         };
         self.workers.insert(id, worker);
         Ok(id)
+    }
+
+    /// Replaces the worker in its slot, drain first: it leaves rotation and drains, and a
+    /// new one starts at once (counted as a restart for `reason`). Does nothing for a
+    /// worker that no longer fills a slot.
+    pub(super) fn replace(&mut self, id: WorkerId, reason: &'static str) {
+        let (Some((si, slot)), Some(w)) = (self.slot_of(id), self.workers.get(&id)) else {
+            return;
+        };
+        let service = Arc::clone(&w.service);
+        let s = &mut self.services[si].slots[slot];
+        s.restarts += 1;
+        s.worker = None;
+        self.metrics
+            .worker_restarts_total
+            .with_label_values(&[&*service, &slot.to_string(), reason])
+            .inc();
+        self.retire(id, reason);
+        // A rollout's replacement already starting takes the slot when ready.
+        if !self.rollout.starting_for(&service, slot) {
+            self.start_or_backoff(si, slot);
+        }
     }
 
     /// The slot a worker fills now, if it is its slot's worker.

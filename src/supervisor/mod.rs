@@ -36,6 +36,7 @@ mod service;
 mod state;
 mod stop;
 mod sys;
+mod usage;
 mod watchdog;
 mod worker;
 
@@ -147,6 +148,13 @@ enum Event {
     ConnectionsDone,
     /// Time to tell systemd's watchdog that the supervisor still handles events.
     WatchdogTick,
+    /// Time to sample the workers' memory and CPU.
+    SampleTick,
+    /// The workers' memory and CPU, read at `at`.
+    Sampled {
+        samples: Vec<(WorkerId, usage::Sample)>,
+        at: Instant,
+    },
 }
 
 /// Listeners bound before the supervisor starts, by service name.
@@ -255,6 +263,7 @@ impl Supervisor {
         if let Some(every) = self.notifier.watchdog_every() {
             self.after(every, Event::WatchdogTick);
         }
+        self.sample_usage();
         Ok(())
     }
 
@@ -267,7 +276,7 @@ impl Supervisor {
                     let read_only = match &event {
                         Event::Command(Command::Status { .. }) => true,
                         Event::Message { value, .. } => *value != "ready",
-                        Event::WatchdogTick => true,
+                        Event::WatchdogTick | Event::SampleTick => true,
                         _ => false,
                     };
                     self.handle(event);
@@ -334,6 +343,8 @@ impl Supervisor {
             Event::ListenersClosed { service } => self.listeners_closed(&service),
             Event::DrainDeadline => self.drain_deadline(),
             Event::ConnectionsDone => self.connections_done(),
+            Event::SampleTick => self.sample_usage(),
+            Event::Sampled { samples, at } => self.sampled(samples, at),
             Event::WatchdogTick => {
                 // Sent from the actor itself, so a supervisor that stops handling events
                 // stops the pings and systemd restarts lb.

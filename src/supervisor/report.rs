@@ -41,6 +41,9 @@ impl Supervisor {
                     state: s.idle_state.to_string(),
                     health: health(checked, None),
                     uptime_seconds: None,
+                    memory_bytes: None,
+                    cpu_seconds: None,
+                    cpu_percent: None,
                     restarts: s.restarts,
                     active_connections: 0,
                 }),
@@ -87,15 +90,18 @@ impl Supervisor {
                 counts[w.state() as usize] += 1;
             }
             for (slot, s) in svc.slots.iter().enumerate() {
-                let up = s
-                    .worker
-                    .and_then(|id| self.workers.get(&id))
-                    .is_some_and(Worker::in_rotation);
+                let worker = s.worker.and_then(|id| self.workers.get(&id));
+                let up = worker.is_some_and(Worker::in_rotation);
                 let slot = slot.to_string();
                 self.metrics
                     .backend_up
                     .with_label_values(&[name, &slot])
                     .set(i64::from(up));
+                let memory = worker.map_or(0, |w| w.usage.memory_bytes);
+                self.metrics
+                    .worker_memory
+                    .with_label_values(&[name, &slot])
+                    .set(i64::try_from(memory).unwrap_or(i64::MAX));
                 exported.backends.insert((name.clone(), slot));
             }
             for s in &svc.statics {
@@ -115,10 +121,10 @@ impl Supervisor {
             exported.services.insert(name.clone());
         }
         for (service, worker) in self.exported.backends.difference(&exported.backends) {
-            let _ = self
-                .metrics
-                .backend_up
-                .remove_label_values(&[service, worker]);
+            let labels = [service.as_str(), worker.as_str()];
+            let _ = self.metrics.backend_up.remove_label_values(&labels);
+            let _ = self.metrics.worker_memory.remove_label_values(&labels);
+            let _ = self.metrics.worker_cpu.remove_label_values(&labels);
         }
         for service in self.exported.services.difference(&exported.services) {
             for state in WorkerState::ALL {
@@ -142,6 +148,9 @@ fn worker_status(w: &Worker, restarts: u32, checked: bool) -> WorkerStatus {
         state: w.state().to_string(),
         health: health(checked, verdict),
         uptime_seconds: Some(w.started.elapsed().as_secs_f64()),
+        memory_bytes: Some(w.usage.memory_bytes),
+        cpu_seconds: Some(w.usage.cpu_seconds),
+        cpu_percent: Some(w.usage.cpu_percent),
         restarts,
         active_connections: w.backend.stats.active(),
     }

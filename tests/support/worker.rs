@@ -26,6 +26,8 @@
 //!   /dev/null, keeping every other descriptor it inherited (fd 3 too, as a careless
 //!   daemon does); its environment has `LB_TEST_DAEMON=run`, so a test can tell it from
 //!   a process that reused its pid.
+//! - `ALLOCATE_MB=N`: once listening, allocate N MiB, touch every page and keep it (a
+//!   worker that grows past `max_memory`).
 //! - `HEALTH_FILE=path`: a connection whose first bytes are an HTTP `GET` is answered
 //!   `HTTP/1.1 <status>` and closed, `<status>` read from that file each time (200 if
 //!   it is missing): a health endpoint a test can turn bad. Echoing is as usual for
@@ -84,6 +86,9 @@ fn main() {
         )
     });
     println!("listening on {host}:{port}");
+    // Written to, so the pages are resident rather than only reserved.
+    let ballast = vec![1u8; usize::try_from(env_num("ALLOCATE_MB")).unwrap_or(0) << 20];
+    std::hint::black_box(&ballast);
     if let Ok(after) = std::env::var("READY_MESSAGE_AFTER_MS") {
         let after = Duration::from_millis(after.parse().unwrap_or(0));
         std::thread::spawn(move || {

@@ -1,0 +1,254 @@
+//! Memory and CPU of each worker's whole process group, read from /proc on a blocking
+//! thread (never on the supervisor's task) every [`SAMPLE_EVERY`], and `max_memory`'s
+//! verdict on them. A sample sums every live process of the group: resident memory,
+//! and CPU time including that of the children each one has reaped, so work done by
+//! short-lived helpers is counted once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nix::unistd::{Pid, SysconfVar, sysconf};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::life::WorkerId;
+use super::{Event, Supervisor};
+
+/// How often workers are sampled: often enough for `lb status` to read like `pm2 ls`,
+/// and for a worker that runs away with memory to be caught within seconds.
+pub(super) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Samples in a row above `max_memory` that make lb replace a worker: a brief peak
+/// (a large request, a garbage collector's high tide) is not a leak.
+pub(super) const OVER_SAMPLES: u32 = 3;
+
+/// One reading of a process group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Sample {
+    pub memory_bytes: u64,
+    pub cpu_seconds: f64,
+}
+
+/// What lb knows of a worker's resource use.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Usage {
+    pub memory_bytes: u64,
+    /// CPU time used since the worker started; it never goes down.
+    pub cpu_seconds: f64,
+    /// CPU use over the last sampling period, in percent of one CPU.
+    pub cpu_percent: f64,
+    /// The group's CPU time at the last sample.
+    last: f64,
+    /// Samples in a row above `max_memory`.
+    over: u32,
+    at: Option<Instant>,
+}
+
+impl Usage {
+    /// Records `sample`, taken at `at`; returns the CPU seconds added since the last one
+    /// and whether the worker has now stayed above `limit` for [`OVER_SAMPLES`] samples.
+    pub(super) fn record(
+        &mut self,
+        sample: Sample,
+        at: Instant,
+        limit: Option<u64>,
+    ) -> (f64, bool) {
+        // A group whose busiest process exited shows less CPU time than before; what it
+        // had is not taken back.
+        let added = (sample.cpu_seconds - self.last).max(0.0);
+        self.cpu_percent = match self.at {
+            Some(before) if at > before => 100.0 * added / (at - before).as_secs_f64(),
+            _ => 0.0,
+        };
+        self.memory_bytes = sample.memory_bytes;
+        self.cpu_seconds += added;
+        self.last = sample.cpu_seconds;
+        self.at = Some(at);
+        self.over = match limit {
+            Some(limit) if sample.memory_bytes > limit => self.over + 1,
+            _ => 0,
+        };
+        (added, self.over >= OVER_SAMPLES)
+    }
+}
+
+/// Reads every process in /proc once and sums those of the groups led by `leaders`.
+/// Blocking: run it on a blocking thread.
+pub(super) fn sample(leaders: &[(WorkerId, Pid)]) -> Vec<(WorkerId, Sample)> {
+    let tick = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let mut groups: HashMap<i32, (u64, u64)> = leaders
+        .iter()
+        .map(|(_, pid)| (pid.as_raw(), (0, 0)))
+        .collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // A process that exits between the listing and the read is simply not counted.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(process) = parse_stat(&stat)
+            && let Some((pages, ticks)) = groups.get_mut(&process.group)
+        {
+            *pages += process.pages;
+            *ticks += process.ticks;
+        }
+    }
+    leaders
+        .iter()
+        .filter_map(|(id, pid)| {
+            let (pages, ticks) = groups.get(&pid.as_raw())?;
+            Some((
+                *id,
+                Sample {
+                    memory_bytes: pages * page,
+                    cpu_seconds: *ticks as f64 / tick,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// What one /proc/PID/stat line says of the process.
+#[derive(Debug, PartialEq, Eq)]
+struct Process {
+    group: i32,
+    /// Resident pages.
+    pages: u64,
+    /// utime + stime + cutime + cstime, in clock ticks.
+    ticks: u64,
+}
+
+/// proc(5): the command name is in parentheses and may hold spaces or parentheses, so
+/// fields are counted from the last `)`: state is field 3, pgrp 5, utime..cstime 14..17,
+/// rss 24.
+fn parse_stat(stat: &str) -> Option<Process> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).copied();
+    let number = |n: usize| field(n)?.parse::<u64>().ok();
+    Some(Process {
+        group: field(5)?.parse().ok()?,
+        pages: number(24)?,
+        ticks: number(14)? + number(15)? + number(16)? + number(17)?,
+    })
+}
+
+impl Supervisor {
+    /// Samples every worker process lb runs, on a blocking thread; the answer comes back
+    /// as [`Event::Sampled`], which sets the next sample.
+    pub(super) fn sample_usage(&self) {
+        let leaders: Vec<(WorkerId, Pid)> = self.workers.values().map(|w| (w.id, w.pid)).collect();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let samples = sample(&leaders);
+            let _ = tx.send(Event::Sampled {
+                samples,
+                at: Instant::now(),
+            });
+        });
+    }
+
+    /// Records what the workers use, exports it, and replaces a ready worker that has
+    /// stayed above its `max_memory`.
+    pub(super) fn sampled(&mut self, samples: Vec<(WorkerId, Sample)>, at: Instant) {
+        let mut over = Vec::new();
+        for (id, sample) in samples {
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            let limit = w.config.max_memory;
+            let (added, above) = w.usage.record(sample, at, limit);
+            let labels = [&*w.service, &w.slot.to_string()];
+            self.metrics
+                .worker_cpu
+                .with_label_values(&labels)
+                .inc_by(added);
+            // Workers that are leaving are already on their way out.
+            if above && w.in_rotation() {
+                over.push((id, limit.unwrap_or_default()));
+            }
+        }
+        if self.phase.keeps_workers() {
+            for (id, limit) in over {
+                if let Some(w) = self.workers.get(&id) {
+                    warn!(service = %w.service, worker = w.slot, pid = %w.pid, memory_bytes = w.usage.memory_bytes, max_memory = limit, "worker stayed above max_memory; replacing it");
+                }
+                self.replace(id, "memory");
+            }
+        }
+        self.after(SAMPLE_EVERY, Event::SampleTick);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_are_read_from_the_last_parenthesis() {
+        let line = "4242 (my (odd) app) S 1 4240 4240 0 -1 4194560 1 0 0 0 70 30 5 5 20 0 1 0 \
+                    100 12345678 2500 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(Process {
+                group: 4240,
+                pages: 2500,
+                ticks: 110
+            })
+        );
+        assert_eq!(parse_stat("4242 (truncated"), None);
+    }
+
+    #[test]
+    fn our_own_group_is_sampled() {
+        let me = nix::unistd::getpgrp();
+        let samples = sample(&[(7, me)]);
+        let (id, s) = samples.first().copied().expect("our group");
+        assert_eq!(id, 7);
+        assert!(s.memory_bytes > 1 << 20, "{s:?}");
+    }
+
+    #[test]
+    fn a_worker_is_over_its_limit_after_samples_in_a_row() {
+        let mut usage = Usage::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let big = |cpu: f64| Sample {
+            memory_bytes: 600,
+            cpu_seconds: cpu,
+        };
+        let small = Sample {
+            memory_bytes: 100,
+            cpu_seconds: 2.0,
+        };
+        assert_eq!(usage.record(big(0.5), at(0), Some(500)), (0.5, false));
+        assert_eq!(usage.record(big(1.0), at(1), Some(500)), (0.5, false));
+        assert!((usage.cpu_percent - 50.0).abs() < 1e-9);
+        // Below the limit once: the count starts again.
+        assert!(!usage.record(small, at(2), Some(500)).1);
+        for s in 3..5 {
+            assert!(!usage.record(big(2.0), at(s), Some(500)).1);
+        }
+        assert!(usage.record(big(2.0), at(5), Some(500)).1);
+        // No limit: never over.
+        assert!(!usage.record(big(2.0), at(6), None).1);
+        // CPU time that went away with an exited process is not taken back, and what
+        // the group uses after that is added.
+        assert_eq!(usage.record(big(1.0), at(7), None).0, 0.0);
+        assert_eq!(usage.record(big(1.5), at(8), None).0, 0.5);
+        assert_eq!(usage.cpu_seconds, 2.5);
+    }
+}
