@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -59,6 +59,18 @@ impl Message {
 pub struct Channel {
     outbox: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
+    /// The worker closed its end: it reads nothing more.
+    closed: Arc<AtomicBool>,
+}
+
+/// What became of a message sent to a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// The worker does not read fast enough: its outbox is full.
+    Full,
+    /// The worker closed its end of the channel.
+    Closed,
 }
 
 /// A new channel: lb's end, and the worker's end to place at its fd 3.
@@ -78,14 +90,25 @@ impl Channel {
         let (read, write) = UnixStream::from_std(lb_end)?.into_split();
         let (outbox, rx) = mpsc::channel(OUTBOX_MESSAGES);
         let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(write_loop(write, rx, Arc::clone(&queued)));
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(
+            write,
+            rx,
+            Arc::clone(&queued),
+            Arc::clone(&closed),
+        ));
         tokio::spawn(read_loop(
             read,
             outbox.clone(),
             Arc::clone(&queued),
+            Arc::clone(&closed),
             on_message,
         ));
-        Ok(Channel { outbox, queued })
+        Ok(Channel {
+            outbox,
+            queued,
+            closed,
+        })
     }
 
     /// Bytes queued for the worker and not yet written to its socket.
@@ -93,9 +116,16 @@ impl Channel {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// Queues a message without waiting; false if the outbox is full and it was dropped.
-    pub fn send(&self, message: &Message) -> bool {
-        enqueue(&self.outbox, &self.queued, message.0.clone())
+    /// Queues a message without waiting, unless the outbox is full or the worker closed
+    /// its end; then it is dropped.
+    pub fn send(&self, message: &Message) -> Sent {
+        if self.closed.load(Ordering::Acquire) {
+            Sent::Closed
+        } else if enqueue(&self.outbox, &self.queued, message.0.clone()) {
+            Sent::Queued
+        } else {
+            Sent::Full
+        }
     }
 }
 
@@ -116,11 +146,13 @@ async fn write_loop(
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Bytes>,
     queued: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
 ) {
     while let Some(line) = rx.recv().await {
         let written = write.write_all(&line).await;
         queued.fetch_sub(line.len(), Ordering::AcqRel);
         if written.is_err() {
+            closed.store(true, Ordering::Release);
             break;
         }
     }
@@ -135,6 +167,7 @@ async fn read_loop(
     mut read: tokio::net::unix::OwnedReadHalf,
     outbox: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
     on_message: impl Fn(Value, InFlight),
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -142,7 +175,11 @@ async fn read_loop(
     let mut discarding = false;
     loop {
         match read.read_buf(lines.buf_mut()).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                // The worker closed its end (it exited, or closed fd 3).
+                closed.store(true, Ordering::Release);
+                return;
+            }
             Ok(_) => {}
         }
         while let Some(line) = lines.next_line() {
@@ -207,7 +244,9 @@ mod tests {
         let channel = Channel::start(lb, |_, _| {}).unwrap();
         let big = Message::new(&Value::String("x".repeat(512 * 1024)));
         // The worker never reads: the socket buffer and then the outbox fill up.
-        let sent = (0..64).filter(|_| channel.send(&big)).count();
+        let sent = (0..64)
+            .filter(|_| channel.send(&big) == Sent::Queued)
+            .count();
         assert!(sent < 64, "every message was accepted");
         assert!(channel.queued.load(Ordering::Relaxed) <= OUTBOX_BYTES);
     }

@@ -16,7 +16,7 @@ pub struct Cli {
     pub config: PathBuf,
 
     /// The admin API of a running lb, for status, reload and restart (default: the
-    /// config file's admin.listen, else 127.0.0.1:9900).
+    /// config file's admin.listen, else 127.0.0.1:9900); with `lb run`, where it listens.
     #[arg(long, global = true, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
 
@@ -61,12 +61,41 @@ pub enum Command {
         #[arg(long, value_parser = service_name)]
         service: Option<String>,
     },
+    /// Run COMMAND as workers behind one address, with no config file: every other key
+    /// at its default (`lb run -- node server.js`).
+    Run {
+        /// The service's name.
+        #[arg(long, default_value = "app", value_parser = service_name)]
+        name: String,
+        /// Where clients connect.
+        #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// How many workers: a positive number, or auto for one per available CPU.
+        #[arg(long, default_value = "auto", value_parser = worker_count, value_name = "N|auto")]
+        count: String,
+        /// When a worker is ready: once a connect to its PORT succeeds (tcp), or once it
+        /// sends "ready" on its channel (message).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "message"])]
+        ready: String,
+        /// The worker's command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Exit 0 when a running lb's GET /healthz answers 200 (every service has a ready
     /// backend), else 1 with one line: a Docker HEALTHCHECK or a Kubernetes exec probe.
     Health,
     /// Internal: the helper lb starts to kill its workers if lb itself is killed.
     #[command(hide = true)]
     Watchdog,
+}
+
+/// `--count`: `auto` or a positive number, as `workers.count` takes it.
+fn worker_count(count: &str) -> Result<String, String> {
+    match count.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(count.to_owned()),
+        _ if count == "auto" => Ok(count.to_owned()),
+        _ => Err("expected a positive number or auto".to_owned()),
+    }
 }
 
 /// A service name as the config allows it (`[a-z0-9_-]+`), checked before it goes into

@@ -50,7 +50,6 @@ pub mod supervisor;
 pub mod systemd;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -62,9 +61,9 @@ use proxy::Proxy;
 use snapshot::Snapshots;
 use supervisor::Supervisor;
 
-/// Runs lb on the config loaded from `config_path` until it is stopped by a signal;
-/// returns an error if it cannot start. The path is read again on reload.
-pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+/// Runs lb on `config`, loaded from `source`, until it is stopped by a signal; returns
+/// an error if it cannot start. The source is read again on reload.
+pub async fn run(source: config::Source, config: Config) -> anyhow::Result<()> {
     let mut bound = HashMap::new();
     for svc in &config.services {
         bound.insert(svc.name.clone(), proxy::bind(&svc.name, &svc.listen)?);
@@ -78,7 +77,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let (down_tx, down_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
     let (mut supervisor, inbox) = Supervisor::new(
-        config_path,
+        source,
         &config,
         Arc::clone(&snapshots),
         proxy,

@@ -75,7 +75,28 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
         },
-        None => run(&cli),
+        Some(Command::Run {
+            name,
+            listen,
+            count,
+            ready,
+            command,
+        }) => {
+            let Ok(cwd) = std::env::current_dir() else {
+                eprintln!("lb: the current directory is unreadable");
+                return ExitCode::FAILURE;
+            };
+            let flags = config::RunFlags {
+                name,
+                listen: *listen,
+                count,
+                ready,
+                admin: cli.admin,
+                command,
+            };
+            run(&cli, &config::Source::command_line(&flags, &cwd))
+        }
+        None => run(&cli, &config::Source::File(cli.config.clone())),
     }
 }
 
@@ -103,17 +124,17 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> ExitCode {
-    let code = run_until_stopped(cli);
+fn run(cli: &Cli, source: &config::Source) -> ExitCode {
+    let code = run_until_stopped(cli, source);
     output::flush(Duration::from_secs(2));
     code
 }
 
-fn run_until_stopped(cli: &Cli) -> ExitCode {
+fn run_until_stopped(cli: &Cli, source: &config::Source) -> ExitCode {
     output::start();
     logging::init(cli.log_format);
     lb::systemd::activation::adopt();
-    let config = match config::load(&cli.config) {
+    let config = match source.load() {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
@@ -130,7 +151,7 @@ fn run_until_stopped(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(lb::run(cli.config.clone(), config));
+    let result = runtime.block_on(lb::run(source.clone(), config));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,

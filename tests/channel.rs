@@ -6,6 +6,7 @@ mod common;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 
+use common::config::{Config, Service};
 use common::{DEADLINE, Lb, alive, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -372,4 +373,25 @@ services:
         "delivered to 1 workers\n"
     );
     assert!(lb.lines("worker ready").is_empty(), "it was still starting");
+}
+
+#[test]
+fn a_broadcast_counts_only_workers_that_took_it() {
+    let config = Config::new()
+        .service(Service::workers("open"))
+        .service(
+            Service::workers("closed")
+                .listen(format!("127.0.0.1:{}", common::free_port()))
+                .env("CLOSE_CHANNEL", "1"),
+        )
+        .yaml();
+    let lb = Lb::start(&config);
+    lb.wait_ready(2);
+    // lb sees the closed channel as soon as it reads its end.
+    wait_until("the closed channel to count for nothing", DEADLINE, || {
+        let out = lb.cli(&["broadcast", "1"]);
+        String::from_utf8_lossy(&out.stdout) == "delivered to 1 workers\n"
+    });
+    let (code, body) = lb.admin("POST", "/broadcast?service=closed", b"2");
+    assert_eq!((code, body.as_str()), (200, "{\"delivered\":0}\n"));
 }

@@ -4,6 +4,7 @@
 mod diff;
 mod error;
 mod raw;
+mod source;
 mod types;
 mod validate;
 
@@ -18,6 +19,7 @@ use nix::sys::signal::Signal;
 
 pub use diff::{Diff, ServiceChange, diff};
 pub use error::{ConfigError, ConfigErrors};
+pub use source::{RunFlags, Source};
 pub use types::{
     BackendSpec, BackendTarget, Balance, CommandSpec, ProxyProtocol, ReadyCheck, addresses_clash,
 };

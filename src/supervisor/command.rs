@@ -4,7 +4,6 @@
 //! the supervisor, so no handler waits on a disk or a resolver.
 
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -13,7 +12,7 @@ use super::Event;
 use super::rollout::Scope;
 use crate::admin::status::Status;
 use crate::channel::Message;
-use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::config::{Config, ConfigError, ConfigErrors, Source};
 
 /// The config file as a command found it.
 pub type Loaded = Box<Result<Config, ConfigErrors>>;
@@ -92,19 +91,19 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// Also starts the task that reads `config_path` for commands: one read at a time,
-    /// so two reloads asked in a row apply in that order.
-    pub(super) fn new(tx: mpsc::UnboundedSender<Event>, config_path: &Path) -> Self {
+    /// Also starts the task that reads the config for commands: one read at a time, so
+    /// two reloads asked in a row apply in that order.
+    pub(super) fn new(tx: mpsc::UnboundedSender<Event>, source: &Arc<Source>) -> Self {
         let (loads, mut todo) = mpsc::unbounded_channel::<Make>();
-        let (events, path) = (tx.clone(), Arc::<Path>::from(config_path));
+        let (events, source) = (tx.clone(), Arc::clone(source));
         tokio::spawn(async move {
             while let Some(make) = todo.recv().await {
-                let file = Arc::clone(&path);
-                let loaded = tokio::task::spawn_blocking(move || config::load(&file))
+                let from = Arc::clone(&source);
+                let loaded = tokio::task::spawn_blocking(move || from.load())
                     .await
                     .unwrap_or_else(|err| {
                         Err(ConfigErrors(vec![ConfigError {
-                            file: path.display().to_string(),
+                            file: source.to_string(),
                             position: None,
                             path: String::new(),
                             message: format!("could not be read: {err}"),

@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use super::Supervisor;
 use super::command::{CommandError, Reply, answer};
 use super::life::WorkerId;
-use crate::channel::Message;
+use crate::channel::{Message, Sent};
 use crate::config::ReadyCheck;
 
 /// How long a worker that dropped messages must go without a drop (and with an empty
@@ -74,19 +74,24 @@ impl Supervisor {
             // while has passed without drops, so a burst logs one line, not one per gap.
             let caught_up =
                 w.channel.backlog() == 0 && w.last_drop.is_some_and(|t| t.elapsed() >= DROP_QUIET);
-            if w.channel.send(message) {
-                if w.dropped > 0 && caught_up {
-                    info!(worker = %w.backend.label, dropped = w.dropped, "worker reads its channel again");
-                    w.dropped = 0;
+            match w.channel.send(message) {
+                Sent::Queued => {
+                    if w.dropped > 0 && caught_up {
+                        info!(worker = %w.backend.label, dropped = w.dropped, "worker reads its channel again");
+                        w.dropped = 0;
+                    }
+                    delivered += 1;
                 }
-                delivered += 1;
-            } else {
-                if w.dropped == 0 {
-                    warn!(worker = %w.backend.label, "worker is not reading its channel; dropping messages until it does");
+                // It reads nothing more: not delivered, and not a reader falling behind.
+                Sent::Closed => {}
+                Sent::Full => {
+                    if w.dropped == 0 {
+                        warn!(worker = %w.backend.label, "worker is not reading its channel; dropping messages until it does");
+                    }
+                    w.dropped += 1;
+                    w.last_drop = Some(tokio::time::Instant::now());
+                    svc.metrics.messages_dropped.inc();
                 }
-                w.dropped += 1;
-                w.last_drop = Some(tokio::time::Instant::now());
-                svc.metrics.messages_dropped.inc();
             }
         }
         delivered

@@ -42,7 +42,6 @@ mod worker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +57,7 @@ pub use rollout::Scope;
 pub use state::WorkerState;
 pub use watchdog::serve as serve_watchdog;
 
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::snapshot::{BackendId, Snapshot, Snapshots};
@@ -161,7 +160,8 @@ enum Event {
 pub type BoundListeners = HashMap<String, Vec<(SocketAddr, TcpListener)>>;
 
 pub struct Supervisor {
-    config_path: PathBuf,
+    /// Where the config is read again on reload.
+    source: Arc<Source>,
     /// The admin address lb started with (it does not move on reload).
     admin: Option<SocketAddr>,
     /// How long lb keeps accepting after SIGTERM, as the config said at start or at the
@@ -201,7 +201,7 @@ impl Supervisor {
     /// Creates the supervisor, starts reaping children and starts the watchdog; no
     /// worker runs yet.
     pub fn new(
-        config_path: PathBuf,
+        source: Source,
         config: &Config,
         snapshots: Arc<Snapshots>,
         proxy: Proxy,
@@ -211,9 +211,10 @@ impl Supervisor {
         let (tx, events) = mpsc::unbounded_channel();
         reap::start(tx.clone())?;
         let watchdog = Watchdog::start()?;
-        let inbox = Inbox::new(tx.clone(), &config_path);
+        let source = Arc::new(source);
+        let inbox = Inbox::new(tx.clone(), &source);
         let mut sup = Supervisor {
-            config_path,
+            source,
             admin: config.admin,
             shutdown_delay: config.shutdown_delay,
             resolvers: config.resolvers.as_slice().into(),

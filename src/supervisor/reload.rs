@@ -38,13 +38,13 @@ impl Supervisor {
             for line in err.to_string().lines() {
                 error!("{line}");
             }
-            warn!(path = %self.config_path.display(), "reload rejected; nothing changed");
+            warn!(config = %self.source, "reload rejected; nothing changed");
         }
         result
     }
 
     fn apply(&mut self, config: Config) -> Result<String, CommandError> {
-        let path = self.config_path.display().to_string();
+        let path = self.source.to_string();
         if config.admin != self.admin {
             warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
         }

@@ -26,6 +26,8 @@
 //!   /dev/null, keeping every other descriptor it inherited (fd 3 too, as a careless
 //!   daemon does); its environment has `LB_TEST_DAEMON=run`, so a test can tell it from
 //!   a process that reused its pid.
+//! - `CLOSE_CHANNEL=1`: once listening, shut its channel down both ways (a worker that
+//!   takes no messages).
 //! - `ALLOCATE_MB=N`: once listening, allocate N MiB, touch every page and keep it (a
 //!   worker that grows past `max_memory`).
 //! - `HEALTH_FILE=path`: a connection whose first bytes are an HTTP `GET` is answered
@@ -86,6 +88,9 @@ fn main() {
         )
     });
     println!("listening on {host}:{port}");
+    if std::env::var("CLOSE_CHANNEL").is_ok() {
+        let _ = channel().shutdown(Shutdown::Both);
+    }
     // Written to, so the pages are resident rather than only reserved.
     let ballast = vec![1u8; usize::try_from(env_num("ALLOCATE_MB")).unwrap_or(0) << 20];
     std::hint::black_box(&ballast);
