@@ -248,4 +248,32 @@ exit_code="$(pm inspect --format '{{.State.ExitCode}}' "$name")"
 [ "$stop_took" -lt "$timeout_s" ] || fail "podman stop took ${stop_took}s, the whole -t $timeout_s"
 echo "the open connection was served to its end ($(cat "$tmp/hold.out")); container exited 0 in ${stop_took}s"
 
+# --- the README's recipe: lb copied into an app's image ------------------------------------
+# Its Dockerfile block, with the test's images in place of the runtime and of lb:0.1.0. No
+# CMD there: lb and `lb health` read lb.yaml in the WORKDIR.
+recipe="$tmp/recipe"
+mkdir -p "$recipe"
+awk '/^### Docker and podman/ { on = 1 } on && /^```dockerfile/ { code = 1; next } code && /^```/ { exit } code' \
+  "$repo/README.md" >"$recipe/Containerfile.readme"
+grep -q '^COPY --from=lb:0.1.0 /usr/local/bin/lb /usr/local/bin/lb$' "$recipe/Containerfile.readme" \
+  || fail "the README's Docker and podman section has no COPY --from recipe"
+sed -e 's|^FROM .*|FROM scratch|' -e "s|--from=lb:0.1.0|--from=$image|" \
+  "$recipe/Containerfile.readme" >"$recipe/Containerfile"
+cp "$bin/lb-test-worker" "$recipe/"
+sed 's|command: \["lb-test-worker"\]|command: ["/app/lb-test-worker"]|' "$tmp/app/lb.yaml" >"$recipe/lb.yaml"
+grep -q /app/lb-test-worker "$recipe/lb.yaml" || fail "the recipe's config names no worker"
+pm build --quiet --format docker -f "$recipe/Containerfile" -t localhost/lb-container-test:recipe "$recipe" >/dev/null \
+  || fail "podman build of the README recipe failed"
+user_is_numeric_non_root localhost/lb-container-test:recipe || fail "the recipe image's user"
+step "podman run the README recipe"
+pm run -d --name lb-container-recipe -p 127.0.0.1::8080 localhost/lb-container-test:recipe >/dev/null \
+  || fail "podman run of the README recipe failed"
+recipe_addr="$(pm port lb-container-recipe 8080/tcp)"
+wait_for 30 pm healthcheck run lb-container-recipe || fail "the recipe's health check did not pass within 30 s"
+line="$(python3 "$here/client.py" hello "$recipe_addr")" || fail "the recipe served nothing"
+echo "the README recipe: healthy, served by $line"
+pm stop -t "$timeout_s" lb-container-recipe >/dev/null || fail "podman stop of the recipe failed"
+exit_code="$(pm inspect --format '{{.State.ExitCode}}' lb-container-recipe)"
+[ "$exit_code" = 0 ] || fail "the recipe container exited with $exit_code"
+
 step "container test passed"
