@@ -44,12 +44,16 @@ bin="$repo/target/$triple/release"
 tmp="$(mktemp -d /tmp/lb-container-test.XXXXXX)"
 mkdir -p "$tmp/storage/root" "$tmp/storage/run" "$tmp/engine" "$tmp/ctx" "$tmp/app"
 background=()
+containers=()
 cleanup() {
   local status=$?
   for pid in "${background[@]}"; do kill "$pid" 2>/dev/null || true; done
-  # Containers first (their conmon, network and mounts), then the storage with the images.
-  podman ps -aq 2>/dev/null | while read -r id; do
-    timeout 30 podman rm -f -t 0 "$id" >/dev/null 2>&1 || true
+  # The test's containers first (their conmon, network and mounts), then the folder with
+  # the storage and the images. The environment is spelled out so that nothing outside
+  # the test's own storage is ever touched.
+  for c in "${containers[@]}"; do
+    CONTAINERS_CONF="$tmp/containers.conf" CONTAINERS_STORAGE_CONF="$tmp/storage.conf" \
+      timeout 30 podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
   done
   if [ "$status" != 0 ] && [ -s "$tmp/podman.stderr" ]; then
     echo "--- podman's stderr (last 30 lines) ---" >&2
@@ -60,9 +64,9 @@ cleanup() {
 trap cleanup EXIT
 
 # runc: crun refuses this host's hybrid cgroups. No systemd runs here, so cgroupfs and a
-# file event log. The container's limits must not exceed what podman itself was given:
-# setting them above that is refused without CAP_SYS_RESOURCE (podman hands its child
-# processes at most 32768 processes here).
+# file event log. The container's limits must not exceed what its runtime was given, since
+# raising them needs CAP_SYS_RESOURCE, which this host does not grant: open files at the
+# host's hard limit, processes at the 32768 that conmon runs with here.
 nofile="$(ulimit -Hn)"
 nproc="$(ulimit -Hu)"
 if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then nproc=32768; fi
@@ -161,6 +165,7 @@ pm build --quiet --format docker -t "$app" "$tmp/app" >/dev/null || fail "podman
 # --- run it -------------------------------------------------------------------------------
 name=lb-container-test
 step "podman run $app"
+containers+=("$name")
 pm run -d --name "$name" -p 127.0.0.1::8080 "$app" >/dev/null || fail "podman run failed"
 addr="$(pm port "$name" 8080/tcp)"
 [ -n "$addr" ] || fail "no published port for 8080"
@@ -266,6 +271,7 @@ pm build --quiet --format docker -f "$recipe/Containerfile" -t localhost/lb-cont
   || fail "podman build of the README recipe failed"
 user_is_numeric_non_root localhost/lb-container-test:recipe || fail "the recipe image's user"
 step "podman run the README recipe"
+containers+=(lb-container-recipe)
 pm run -d --name lb-container-recipe -p 127.0.0.1::8080 localhost/lb-container-test:recipe >/dev/null \
   || fail "podman run of the README recipe failed"
 recipe_addr="$(pm port lb-container-recipe 8080/tcp)"
