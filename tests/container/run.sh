@@ -5,8 +5,9 @@
 # checks what a user sees: lb is PID 1 as uid 10001, traffic reaches the workers,
 # `lb restart` through `podman exec` replaces them, `podman healthcheck run` passes, and
 # `podman stop -t N` ends the container with code 0 while a connection open at the stop
-# is served to its end. Also checks that the image's user is numeric and not root, and
-# that the same check rejects images running as root.
+# is served to its end. Also checks that the image's user is numeric and not root, that
+# the same check rejects images running as root, and that the README's recipe (lb copied
+# into an app's image with COPY --from) builds and runs.
 #
 # Run as root (podman with runc and vfs storage, all of it in a temp folder that is
 # removed at the end). Skips, saying why, where podman cannot run.
