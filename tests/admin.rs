@@ -4,6 +4,7 @@ mod common;
 
 use std::process::Command;
 
+use common::config::{Config, Service};
 use common::{DEADLINE, LB, Lb, alive, echo, http, wait_until};
 
 const TWO_ECHO_WORKERS: &str = r#"
@@ -131,11 +132,8 @@ fn post_reload_answers_400_with_the_check_message_for_a_broken_config() {
     lb.rewrite_config(&TWO_ECHO_WORKERS.replace("count: 2", "count: 3"));
     let (code, body) = lb.admin("POST", "/reload", b"");
     assert_eq!(
-        (code, body.trim()),
-        (
-            200,
-            "reload applied: 0 services added, 0 removed, 1 changed"
-        )
+        (code, body.trim_end()),
+        (200, "reload applied\n  changed: web (workers.count 2 -> 3)")
     );
     lb.wait_ready(3);
 }
@@ -289,4 +287,19 @@ fn client_commands_fall_back_to_the_default_address_when_the_config_does_not_par
         .expect("run lb status");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("empty"), "{err}");
+}
+
+#[test]
+fn status_shows_the_port_the_kernel_chose_for_port_0() {
+    let config = Config::new().service(Service::workers("web").listen("127.0.0.1:0"));
+    let lb = Lb::start(&config.yaml());
+    lb.wait_ready(1);
+    let status = status_json(&lb);
+    let listen = status["services"][0]["listen"][0].as_str().expect("listen");
+    let bound: std::net::SocketAddr = listen.parse().expect("an address");
+    assert_ne!(bound.port(), 0, "{status}");
+    assert_eq!(
+        echo(bound, b"through the chosen port"),
+        b"through the chosen port"
+    );
 }

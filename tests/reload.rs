@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::config::{Config, Service};
 use common::load::Load;
 use common::{DEADLINE, Lb, alive, backend, free_port, hello, wait_until};
 use nix::sys::signal::Signal;
@@ -316,4 +317,30 @@ fn listen_addresses_and_static_backends_follow_the_config() {
     let mut seen: Vec<String> = (0..4).map(|_| hello(second).expect("hello")).collect();
     seen.sort();
     assert_eq!(seen, ["a", "a", "b", "b"]);
+}
+
+#[test]
+fn lb_reload_says_which_services_came_and_went_and_which_keys_changed() {
+    let port = || format!("127.0.0.1:{}", free_port());
+    let (api, jobs) = (port(), port());
+    let before = Config::new()
+        .service(Service::workers("web").count(2))
+        .service(Service::workers("api").listen(&api));
+    let lb = Lb::start(&before.yaml());
+    lb.wait_ready(3);
+    let after = Config::new()
+        .service(
+            Service::workers("web")
+                .count(3)
+                .set("drain_timeout", "5s")
+                .env("MODE", "new"),
+        )
+        .service(Service::workers("jobs").listen(&jobs));
+    lb.rewrite_config(&after.yaml());
+    let reload = lb.cli(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&reload.stdout),
+        "reload applied\n  added: jobs\n  removed: api\n  changed: web (workers.count 2 -> 3, workers.env, workers.drain_timeout)\n"
+    );
 }

@@ -126,6 +126,13 @@ services:
     let ready = lb.lines("\"message\":\"worker ready\"");
     assert_eq!(ready.len(), 1, "{log}");
     assert!(ready[0].contains("\"service\":\"web\""), "{}", ready[0]);
+    let fields: serde_json::Value = serde_json::from_str(&ready[0]).expect("JSON");
+    // Numbers stay numbers, so a log query can compare them.
+    assert!(
+        fields["fields"]["pid"].is_i64() || fields["pid"].is_i64(),
+        "{}",
+        ready[0]
+    );
     let output = lb.lines("listening on 127.0.0.1");
     assert!(
         output[0].contains("\"worker\":\"web/0\"") && output[0].contains("\"stream\":\"stdout\""),

@@ -25,6 +25,9 @@ pub struct ServiceChange {
     pub count: (usize, usize),
     pub backends_added: Vec<BackendSpec>,
     pub backends_removed: Vec<BackendSpec>,
+    /// The keys whose values differ, as written in the file (`listen`,
+    /// `workers.count`, ...), for the reload's answer.
+    pub keys: Vec<&'static str>,
 }
 
 impl Diff {
@@ -66,7 +69,55 @@ fn change(before: &ServiceConfig, after: &ServiceConfig) -> ServiceChange {
         count: (count(before), count(after)),
         backends_added: missing_from(&after.backends, &before.backends),
         backends_removed: missing_from(&before.backends, &after.backends),
+        keys: changed_keys(before, after),
     }
+}
+
+/// The keys of a service whose values differ between `before` and `after`.
+fn changed_keys(before: &ServiceConfig, after: &ServiceConfig) -> Vec<&'static str> {
+    let (b, a) = (before, after);
+    let mut keys: Vec<&'static str> = [
+        ("listen", b.listen != a.listen),
+        ("balance", b.balance != a.balance),
+        ("max_connections", b.max_connections != a.max_connections),
+        ("timeouts.connect", b.timeouts.connect != a.timeouts.connect),
+        ("timeouts.idle", b.timeouts.idle != a.timeouts.idle),
+        ("backends", b.backends != a.backends),
+        ("resolve_every", b.resolve_every != a.resolve_every),
+        ("health_check", b.health_check != a.health_check),
+        ("proxy_protocol", b.proxy_protocol != a.proxy_protocol),
+        ("log_connections", b.log_connections != a.log_connections),
+    ]
+    .into_iter()
+    .filter_map(|(key, differs)| differs.then_some(key))
+    .collect();
+    match (&b.workers, &a.workers) {
+        (Some(b), Some(a)) => keys.extend(
+            [
+                ("workers.command", b.command != a.command),
+                ("workers.count", b.count != a.count),
+                ("workers.cwd", b.cwd != a.cwd),
+                ("workers.env", b.env != a.env),
+                ("workers.ready", b.ready != a.ready),
+                ("workers.ready_timeout", b.ready_timeout != a.ready_timeout),
+                ("workers.drain_timeout", b.drain_timeout != a.drain_timeout),
+                ("workers.stop_signal", b.stop_signal != a.stop_signal),
+                ("workers.stop_timeout", b.stop_timeout != a.stop_timeout),
+                (
+                    "workers.restart_backoff",
+                    b.restart_backoff != a.restart_backoff,
+                ),
+                ("workers.feed", b.feed != a.feed),
+                ("workers.rollout_watch", b.rollout_watch != a.rollout_watch),
+                ("workers.max_memory", b.max_memory != a.max_memory),
+            ]
+            .into_iter()
+            .filter_map(|(key, differs)| differs.then_some(key)),
+        ),
+        (None, None) => {}
+        _ => keys.push("workers"),
+    }
+    keys
 }
 
 /// Items of `these` that `those` lacks.
@@ -113,6 +164,7 @@ services:
             d.changed[0].1,
             ServiceChange {
                 count: (2, 4),
+                keys: vec!["workers.count"],
                 ..ServiceChange::default()
             }
         );
@@ -123,6 +175,7 @@ services:
         let new = BASE.replace("command: [app]", "command: [app2]");
         let d = diff(&services(BASE), &services(&new));
         assert!(d.changed[0].1.roll);
+        assert_eq!(d.changed[0].1.keys, ["workers.command"]);
     }
 
     #[test]

@@ -326,6 +326,9 @@ impl CommandSpec {
     }
 }
 
+/// What a command must be free of to reach exec(2).
+const NO_NUL: &str = "a command without NUL bytes";
+
 impl<'de> Deserialize<'de> for CommandSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -339,6 +342,9 @@ impl<'de> Deserialize<'de> for CommandSpec {
                 if v.trim().is_empty() {
                     return Err(invalid("a command", "an empty string"));
                 }
+                if v.contains('\0') {
+                    return Err(invalid(NO_NUL, "a NUL byte"));
+                }
                 Ok(CommandSpec::Shell(v.to_owned()))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CommandSpec, A::Error> {
@@ -348,6 +354,10 @@ impl<'de> Deserialize<'de> for CommandSpec {
                 }
                 if argv.first().is_none_or(|program| program.is_empty()) {
                     return Err(invalid("a program and its arguments", "an empty command"));
+                }
+                // exec(2) takes C strings: such an argument could never start.
+                if argv.iter().any(|arg| arg.contains('\0')) {
+                    return Err(invalid(NO_NUL, "a NUL byte"));
                 }
                 Ok(CommandSpec::Argv(argv))
             }

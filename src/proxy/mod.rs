@@ -111,6 +111,9 @@ struct AcceptLoop {
     /// A second descriptor of the listening socket, so a reload can hand the address to
     /// another service; `None` if the process was out of descriptors when it started.
     socket: Option<OwnedFd>,
+    /// The address the socket is bound to: the configured one, with the port the kernel
+    /// chose for port 0.
+    bound: SocketAddr,
 }
 
 impl ServiceListeners {
@@ -123,10 +126,11 @@ impl ServiceListeners {
         }
     }
 
-    /// Starts accepting on a bound listener.
-    pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) {
+    /// Starts accepting on a bound listener; returns the address it is bound to.
+    pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) -> SocketAddr {
         let (stop, finish) = (CancellationToken::new(), listener::Finish::default());
         let socket = listener.as_fd().try_clone_to_owned().ok();
+        let bound = listener.local_addr().unwrap_or(addr);
         let accept = listener::Accept {
             service: Arc::clone(&self.service),
             addr,
@@ -141,8 +145,15 @@ impl ServiceListeners {
             finish,
             task,
             socket,
+            bound,
         };
         self.loops.insert(addr, accept_loop);
+        bound
+    }
+
+    /// The address the socket for configured address `addr` is bound to.
+    pub fn bound(&self, addr: &SocketAddr) -> Option<SocketAddr> {
+        self.loops.get(addr).map(|l| l.bound)
     }
 
     /// Another handle on the socket listening on `addr`, for a reload that gives the

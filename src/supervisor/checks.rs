@@ -127,11 +127,11 @@ impl Supervisor {
         let (service, slot, pid) = (Arc::clone(&w.service), w.slot, w.pid);
         match w.health.record(ok, check) {
             Some(false) => {
-                warn!(%service, worker = slot, %pid, fall = check.fall, "worker failed its health checks; out of rotation");
+                warn!(%service, worker = slot, pid = pid.as_raw(), fall = check.fall, "worker failed its health checks; out of rotation");
                 self.drive(id, Input::Unhealthy);
             }
             Some(true) => {
-                info!(%service, worker = slot, %pid, rise = check.rise, "worker passes its health checks again; in rotation");
+                info!(%service, worker = slot, pid = pid.as_raw(), rise = check.rise, "worker passes its health checks again; in rotation");
                 self.drive(id, Input::Ready);
             }
             None => {}
@@ -153,7 +153,7 @@ impl Supervisor {
             return;
         }
         let (service, pid, slot) = (Arc::clone(&w.service), w.pid, w.slot);
-        warn!(%service, worker = slot, %pid, ?out_for, "worker kept out of rotation by its health checks longer than ready_timeout; replacing it");
+        warn!(%service, worker = slot, pid = pid.as_raw(), ?out_for, "worker kept out of rotation by its health checks longer than ready_timeout; replacing it");
         self.replace(id, "health");
     }
 }

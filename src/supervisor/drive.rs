@@ -51,7 +51,7 @@ impl Supervisor {
             return;
         }
         w.leave_reason = Some(reason);
-        info!(service = %w.service, worker = w.slot, pid = %w.pid, %reason, connections = w.backend.stats.active(), "worker out of rotation, draining");
+        info!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), %reason, connections = w.backend.stats.active(), "worker out of rotation, draining");
         self.drive(id, Input::Retire { until });
     }
 
@@ -66,7 +66,7 @@ impl Supervisor {
                 killed: false,
             })
         {
-            warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker did not stop within stop_timeout; killing it");
+            warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "worker did not stop within stop_timeout; killing it");
         }
         self.drive(id, Input::Deadline(at));
     }
@@ -79,9 +79,9 @@ impl Supervisor {
         if let Life::Draining { .. } = w.life {
             let open = w.backend.stats.active();
             if open > 0 {
-                warn!(service = %w.service, worker = w.slot, pid = %w.pid, connections = open, "drain_timeout passed; closing the remaining connections");
+                warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), connections = open, "drain_timeout passed; closing the remaining connections");
             } else {
-                info!(service = %w.service, worker = w.slot, pid = %w.pid, "worker drained");
+                info!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "worker drained");
             }
         }
         self.drive(id, Input::Drained);
@@ -132,7 +132,7 @@ impl Supervisor {
             }
             Effect::DeadlineAt(at) => self.at(at, Event::Deadline { id, at }),
             Effect::WatchGroup => {
-                info!(service = %w.service, worker = w.slot, pid = %w.pid, "worker exited; waiting for the rest of its process group");
+                info!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "worker exited; waiting for the rest of its process group");
                 self.watch_groups();
             }
             Effect::Forget => {

@@ -67,7 +67,7 @@ impl Supervisor {
             },
         );
         if let Some((&pid, _)) = self.feed_runs.iter().find(|(_, s)| *s == service) {
-            warn!(service, %pid, every = ?feed.every, "feed: the previous run did not finish within `every`; killed it");
+            warn!(service, pid = pid.as_raw(), every = ?feed.every, "feed: the previous run did not finish within `every`; killed it");
             worker::signal_group(pid, Signal::SIGKILL);
             return;
         }
@@ -107,7 +107,7 @@ impl Supervisor {
         worker::signal_group(pid, Signal::SIGKILL);
         self.watchdog.reaped(pid);
         if status != ExitStatus::Code(0) {
-            warn!(%service, %pid, %status, "feed: the command failed");
+            warn!(%service, pid = pid.as_raw(), %status, "feed: the command failed");
         }
         true
     }

@@ -165,7 +165,7 @@ impl Supervisor {
         )?;
         drop(worker_end);
         self.watchdog.started(pid);
-        info!(service = %name, worker = slot, %pid, port, "worker started");
+        info!(service = %name, worker = slot, pid = pid.as_raw(), port, "worker started");
         if let Some(last) = &self.services[si].feed.last {
             channel.send(last);
         }
@@ -241,7 +241,7 @@ impl Supervisor {
     pub(super) fn exited(&mut self, pid: Pid, status: ExitStatus) {
         let Some(id) = self.workers.values().find(|w| w.pid == pid).map(|w| w.id) else {
             if !self.feed_exited(pid, status) {
-                debug!(%pid, %status, "reaped a process that was not a worker");
+                debug!(pid = pid.as_raw(), %status, "reaped a process that was not a worker");
             }
             return;
         };
@@ -255,7 +255,7 @@ impl Supervisor {
         } else if let Some((si, slot)) = self.slot_of(id) {
             self.slot_lost(si, slot, id, Some(status));
         } else if leaving {
-            info!(%service, worker = slot, %pid, %status, "retired worker stopped");
+            info!(%service, worker = slot, pid = pid.as_raw(), %status, "retired worker stopped");
         }
         let group_alive = worker::group_alive(pid);
         self.drive(id, Input::Exited { group_alive });
@@ -280,7 +280,7 @@ impl Supervisor {
         self.services[si].slots[slot].worker = None;
         if !self.phase.keeps_workers() {
             self.services[si].slots[slot].idle_state = WorkerState::Stopped;
-            info!(service = %name, worker = slot, %pid, %status, "worker stopped");
+            info!(service = %name, worker = slot, pid = pid.as_raw(), %status, "worker stopped");
             return;
         }
         self.count_crash(si, slot);
@@ -293,10 +293,10 @@ impl Supervisor {
         if self.rollout.starting_for(&name, slot) {
             // Its replacement, already starting, takes the slot when ready.
             self.services[si].slots[slot].idle_state = WorkerState::Backoff;
-            warn!(service = %name, worker = slot, %pid, %status, "worker exited while being replaced");
+            warn!(service = %name, worker = slot, pid = pid.as_raw(), %status, "worker exited while being replaced");
         } else {
             let delay = self.restart_later(si, slot, uptime);
-            warn!(service = %name, worker = slot, %pid, %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
+            warn!(service = %name, worker = slot, pid = pid.as_raw(), %status, uptime = ?uptime, restart_in = ?delay, "worker exited");
         }
     }
 
@@ -349,7 +349,7 @@ impl Supervisor {
             self.drive(id, Input::Ready);
             if self.workers.get(&id).is_some_and(Worker::in_rotation) && was != Life::Ready {
                 let after = self.workers[&id].started.elapsed();
-                info!(%service, worker = slot, %pid, ?after, "worker ready");
+                info!(%service, worker = slot, pid = pid.as_raw(), ?after, "worker ready");
                 if was == Life::Starting {
                     self.check_worker(id);
                 }
@@ -374,7 +374,7 @@ impl Supervisor {
             let effects = self.rollout.not_ready(id, reason);
             self.carry_out(effects);
         } else {
-            warn!(%service, worker = slot, %pid, ?timeout, "worker not ready within ready_timeout; killing it");
+            warn!(%service, worker = slot, pid = pid.as_raw(), ?timeout, "worker not ready within ready_timeout; killing it");
             self.drive(id, Input::Kill);
         }
     }
@@ -385,7 +385,7 @@ impl Supervisor {
     pub(super) fn backend_down(&mut self, id: BackendId) {
         if let Some(w) = self.workers.get_mut(&id) {
             if w.in_rotation() {
-                warn!(service = %w.service, worker = w.slot, pid = %w.pid, "worker refused a connection; out of rotation until it accepts again");
+                warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "worker refused a connection; out of rotation until it accepts again");
                 w.health.down();
                 self.drive(id, Input::Refused);
             }

@@ -255,11 +255,11 @@ impl Supervisor {
         }
         self.publish();
         self.start_feeds();
-        for svc in &mut self.services {
-            for (addr, listener) in bound.remove(&svc.config.name).unwrap_or_default() {
-                svc.listeners.serve(&self.proxy, addr, listener);
-                info!(service = %svc.config.name, %addr, "listening");
-            }
+        for si in 0..self.services.len() {
+            let listeners = bound
+                .remove(&self.services[si].config.name)
+                .unwrap_or_default();
+            self.serve(si, listeners);
         }
         if let Some(every) = self.notifier.watchdog_every() {
             self.after(every, Event::WatchdogTick);

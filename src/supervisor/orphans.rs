@@ -28,7 +28,7 @@ pub(super) fn signal(service: Arc<str>, port: u16, group: Pid, signal: Signal) {
         let port = port.to_string();
         for orphan in adopted() {
             if orphan.group != group && came_from(orphan.pid, &service, &port) {
-                tracing::info!(pid = %orphan.pid, service = %service, %signal, "signalling a process the worker left outside its group");
+                tracing::info!(pid = orphan.pid.as_raw(), service = %service, %signal, "signalling a process the worker left outside its group");
                 let _ = kill(orphan.pid, signal);
             }
         }
@@ -39,7 +39,10 @@ pub(super) fn signal(service: Arc<str>, port: u16, group: Pid, signal: Signal) {
 pub(super) fn kill_all(keep: Option<Pid>) {
     for orphan in adopted() {
         if Some(orphan.pid) != keep {
-            tracing::info!(pid = %orphan.pid, "killing a process a worker left behind");
+            tracing::info!(
+                pid = orphan.pid.as_raw(),
+                "killing a process a worker left behind"
+            );
             let _ = kill(orphan.pid, Signal::SIGKILL);
         }
     }

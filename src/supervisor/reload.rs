@@ -3,6 +3,7 @@
 //! are removed, added and changed, and unchanged workers keep running untouched.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
@@ -53,8 +54,8 @@ impl Supervisor {
         let mut bound = self.bind_new(&diff).map_err(CommandError::Invalid)?;
         self.shutdown_delay = config.shutdown_delay;
         self.resolvers = config.resolvers.as_slice().into();
-        let (added, removed, changed) = (diff.added.len(), diff.removed.len(), diff.changed.len());
         let unchanged = diff.is_empty();
+        let summary = summary(&diff);
         for name in &diff.removed {
             self.remove_service(name);
         }
@@ -79,10 +80,8 @@ impl Supervisor {
             info!(%path, "reload: no change");
             return Ok("reload: no change".to_owned());
         }
-        info!(%path, added, removed, changed, "reload applied");
-        Ok(format!(
-            "reload applied: {added} services added, {removed} removed, {changed} changed"
-        ))
+        info!(%path, changes = %summary.trim_end().replace('\n', "; "), "reload applied");
+        Ok(format!("reload applied\n{}", summary.trim_end()))
     }
 
     fn remove_service(&mut self, name: &str) {
@@ -196,10 +195,12 @@ impl Supervisor {
         self.carry_out(effects);
     }
 
-    fn serve(&mut self, si: usize, listeners: Bound) {
+    /// Starts accepting on a service's newly bound listeners.
+    pub(super) fn serve(&mut self, si: usize, listeners: Bound) {
         let svc = &mut self.services[si];
         for (addr, listener) in listeners {
-            svc.listeners.serve(&self.proxy, addr, listener);
+            // The bound address: with port 0, the port the kernel chose.
+            let addr = svc.listeners.serve(&self.proxy, addr, listener);
             info!(service = %svc.config.name, %addr, "listening");
         }
     }
@@ -260,4 +261,28 @@ impl Supervisor {
             None => format!("service {service}: could not listen on {addr}: {err}"),
         }
     }
+}
+
+/// What a reload changed, a line per service: `added: api`, `removed: old`,
+/// `changed: web (listen, workers.count 2 -> 4)`.
+fn summary(diff: &config::Diff) -> String {
+    let mut out = String::new();
+    for svc in &diff.added {
+        let _ = writeln!(out, "  added: {}", svc.name);
+    }
+    for name in &diff.removed {
+        let _ = writeln!(out, "  removed: {name}");
+    }
+    for (svc, change) in &diff.changed {
+        let keys: Vec<String> = change
+            .keys
+            .iter()
+            .map(|&key| match (key, change.count) {
+                ("workers.count", (before, after)) => format!("{key} {before} -> {after}"),
+                _ => key.to_owned(),
+            })
+            .collect();
+        let _ = writeln!(out, "  changed: {} ({})", svc.name, keys.join(", "));
+    }
+    out
 }

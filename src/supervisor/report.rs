@@ -60,7 +60,12 @@ impl Supervisor {
         );
         ServiceStatus {
             name: svc.config.name.clone(),
-            listen: svc.config.listen.iter().map(ToString::to_string).collect(),
+            listen: svc
+                .config
+                .listen
+                .iter()
+                .map(|addr| svc.listeners.bound(addr).unwrap_or(*addr).to_string())
+                .collect(),
             balance: svc.config.balance.to_string(),
             workers,
             backends: svc

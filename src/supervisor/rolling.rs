@@ -131,7 +131,7 @@ impl Supervisor {
                 .service_index(&w.service)
                 .and_then(|si| self.services[si].config.workers.as_ref());
             if !target.is_some_and(|t| w.config.same_process(t)) {
-                info!(service = %w.service, worker = w.slot, pid = %w.pid, "rollout: replacement outdated by a reload; discarding it");
+                info!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "rollout: replacement outdated by a reload; discarding it");
                 let (service, slot) = (Arc::clone(&w.service), w.slot);
                 let effects = self.rollout.drop_step(&service, slot);
                 self.carry_out(effects);
@@ -185,7 +185,7 @@ impl Supervisor {
                 });
                 match spawned {
                     Some(Ok(id)) => {
-                        info!(%service, worker = slot, pid = %self.workers[&id].pid, "rollout: replacement started");
+                        info!(%service, worker = slot, pid = self.workers[&id].pid.as_raw(), "rollout: replacement started");
                         self.rollout.spawned(id);
                         Vec::new()
                     }
@@ -202,7 +202,7 @@ impl Supervisor {
             }
             Effect::Discard { worker } => {
                 if let Some(w) = self.workers.get(&worker) {
-                    info!(service = %w.service, worker = w.slot, pid = %w.pid, "rollout: discarding a replacement");
+                    info!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "rollout: discarding a replacement");
                 }
                 self.drive(worker, Input::Kill);
                 Vec::new()
@@ -264,7 +264,7 @@ impl Supervisor {
             return;
         };
         let (service, slot, config) = (Arc::clone(&new.service), new.slot, Arc::clone(&new.config));
-        info!(service = %new.service, worker = new.slot, pid = %new.pid, after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
+        info!(service = %new.service, worker = new.slot, pid = new.pid.as_raw(), after = ?new.started.elapsed(), "rollout: replacement ready, in rotation");
         let Some(si) = self.service_index(&service) else {
             return self.drive(id, Input::Kill);
         };

@@ -184,7 +184,7 @@ impl Supervisor {
         if self.phase.keeps_workers() {
             for (id, limit) in over {
                 if let Some(w) = self.workers.get(&id) {
-                    warn!(service = %w.service, worker = w.slot, pid = %w.pid, memory_bytes = w.usage.memory_bytes, max_memory = limit, "worker stayed above max_memory; replacing it");
+                    warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), memory_bytes = w.usage.memory_bytes, max_memory = limit, "worker stayed above max_memory; replacing it");
                 }
                 self.replace(id, "memory");
             }
