@@ -191,21 +191,37 @@ services:
     };
     let lb = Lb::start(&config(&format!("['{{listen}}', '{second}']")));
     lb.wait_log("listening");
-    lb.wait_log("worker started");
-    let before = lb.open_fds().len();
-    let waiting = std::thread::spawn({
-        let addr = lb.listen;
-        move || hello(addr)
-    });
+    let client = common::connect(lb.listen);
     // lb holds the client's socket: accepted, and waiting for the worker to get ready.
-    wait_until("lb to accept the client", DEADLINE, || {
-        lb.open_fds().len() > before
-    });
+    wait_until("lb to accept the client", DEADLINE, || accepted(&client));
     lb.rewrite_config(&config(&format!("'{second}'")));
     lb.signal(Signal::SIGHUP);
     reloaded(&lb, "applied", 1);
-    let line = waiting.join().expect("client thread").expect("served");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client), &mut line).expect("served");
     assert!(line.contains("service=web"), "{line}");
+}
+
+/// Whether the server side of `client` has been accepted: in /proc/net/tcp a connection
+/// still in the accept queue has no inode, since no process holds a socket for it yet.
+fn accepted(client: &std::net::TcpStream) -> bool {
+    let (local, peer) = (
+        client.local_addr().expect("client address"),
+        client.peer_addr().expect("server address"),
+    );
+    // The server's end: local = lb's address, remote = the client's, in hex ports.
+    let (server_port, client_port) = (
+        format!(":{:04X}", peer.port()),
+        format!(":{:04X}", local.port()),
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).any(|row| {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        cols.len() > 9
+            && cols[1].ends_with(&server_port)
+            && cols[2].ends_with(&client_port)
+            && cols[9] != "0"
+    })
 }
 
 #[test]
