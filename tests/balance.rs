@@ -112,7 +112,10 @@ fn new_connections_go_to_the_less_busy_worker(balance: &str, reload: bool) {
             lb.rewrite_config(&yaml(1001 + round));
             let out = lb.cli(&["reload"]);
             let said = String::from_utf8_lossy(&out.stdout);
-            assert!(said.contains("1 changed"), "reload: {said}");
+            assert!(
+                said.contains("changed: web (max_connections)"),
+                "reload: {said}"
+            );
         }
         for n in 0..busy {
             let id = open(&mut held);

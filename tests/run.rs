@@ -60,3 +60,36 @@ fn lb_run_without_a_command_or_with_a_bad_count_says_so() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+#[test]
+fn the_readmes_lb_run_command_serves_the_hello_example() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{repo}/README.md")).expect("README");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("lb run --listen"))
+        .expect("the README shows lb run");
+    // As written, on free ports (tests run side by side), from the repository's root.
+    let (listen, admin) = (loopback(), loopback());
+    let args: Vec<String> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|arg| match arg {
+            "127.0.0.1:8080" => listen.to_string(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lb = Lb::spawn(
+        dir,
+        listen,
+        Command::new(LB)
+            .args(["--admin", &admin.to_string()])
+            .args(&args)
+            .current_dir(repo),
+    );
+    lb.wait_ready(1);
+    let (code, body) = common::http(listen, "GET", "/", b"");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("hello from worker"), "{body}");
+}
