@@ -18,6 +18,34 @@ use crate::metrics::{BackendMetrics, ServiceMetrics};
 /// Identifies a backend in reports from the proxy to the supervisor.
 pub type BackendId = u64;
 
+/// How a connect to a backend failed, as the proxy tells the supervisor, which takes the
+/// backend out of rotation and says why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    /// No answer within the service's connect timeout.
+    TimedOut,
+    Other,
+}
+
+impl ConnectFailure {
+    pub fn of(err: &std::io::Error) -> ConnectFailure {
+        match err.kind() {
+            std::io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            std::io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::TimedOut => "timed out",
+            ConnectFailure::Other => "failed",
+        }
+    }
+}
+
 /// One place connections can go: a worker on a localhost port or a static address.
 #[derive(Debug)]
 pub struct Backend {

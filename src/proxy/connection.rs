@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::{Shared, copy, is_resource_exhaustion, proxy_protocol};
 use crate::config::ProxyProtocol;
 use crate::metrics::DroppedMetrics;
-use crate::snapshot::{ActiveGuard, Backend, BackendId, Pool};
+use crate::snapshot::{ActiveGuard, Backend, BackendId, ConnectFailure, Pool};
 
 /// Backends tried per connection: the first pick and up to two more.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -223,7 +223,7 @@ async fn connect(
             Err(err) => {
                 debug!(service, backend = %backend.label, %err, "connect failed");
                 backend.metrics.connect_errors_total.inc();
-                report_down(proxy, &backend);
+                report_down(proxy, &backend, ConnectFailure::of(&err));
                 drop(active);
             }
         }
@@ -283,9 +283,9 @@ impl copy::Service for Pool {
     }
 }
 
-fn report_down(proxy: &Shared, backend: &Backend) {
+fn report_down(proxy: &Shared, backend: &Backend, why: ConnectFailure) {
     if backend.stats.mark_down() {
-        let _ = proxy.down.send(backend.id);
+        let _ = proxy.down.send((backend.id, why));
     }
 }
 

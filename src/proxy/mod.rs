@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::snapshot::{BackendId, Snapshots};
+use crate::snapshot::{BackendId, ConnectFailure, Snapshots};
 
 /// Errors that say lb, not a peer, is short of descriptors or memory.
 fn is_resource_exhaustion(err: &std::io::Error) -> bool {
@@ -50,11 +50,14 @@ pub struct Proxy {
 struct Shared {
     snapshots: Arc<Snapshots>,
     /// Backends a connect failed on, for the supervisor to take out of rotation.
-    down: mpsc::UnboundedSender<BackendId>,
+    down: mpsc::UnboundedSender<(BackendId, ConnectFailure)>,
 }
 
 impl Proxy {
-    pub fn new(snapshots: Arc<Snapshots>, down: mpsc::UnboundedSender<BackendId>) -> Self {
+    pub fn new(
+        snapshots: Arc<Snapshots>,
+        down: mpsc::UnboundedSender<(BackendId, ConnectFailure)>,
+    ) -> Self {
         Proxy {
             shared: Arc::new(Shared { snapshots, down }),
             connections: CancellationToken::new(),

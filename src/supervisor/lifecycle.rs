@@ -20,7 +20,7 @@ use super::usage::Usage;
 use super::{Event, ExitStatus, Supervisor, WorkerState, probe, worker};
 use crate::channel::{self, Channel};
 use crate::config::{BackendSpec, BackendTarget, ReadyCheck, ServiceConfig, WorkersConfig};
-use crate::snapshot::BackendId;
+use crate::snapshot::{BackendId, ConnectFailure};
 
 /// How often a starting worker's port is tried.
 const READY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -382,10 +382,11 @@ impl Supervisor {
     /// A connect to this backend failed: out of rotation until a probe reaches it. A
     /// worker that was serving is not killed for it: an overloaded worker drops connects
     /// too, and killing it would lose every connection it holds.
-    pub(super) fn backend_down(&mut self, id: BackendId) {
+    pub(super) fn backend_down(&mut self, id: BackendId, why: ConnectFailure) {
+        let connect = why.as_str();
         if let Some(w) = self.workers.get_mut(&id) {
             if w.in_rotation() {
-                warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), "worker refused a connection; out of rotation until it accepts again");
+                warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), connect, "a connect to the worker failed; out of rotation until it accepts again");
                 w.health.down();
                 self.drive(id, Input::Refused);
             }
@@ -399,7 +400,7 @@ impl Supervisor {
         if !backend.up {
             return;
         }
-        warn!(service = %svc.config.name, backend = %backend.backend.label, "backend refused a connection; out of rotation until it accepts again");
+        warn!(service = %svc.config.name, backend = %backend.backend.label, connect, "a connect to the backend failed; out of rotation until it accepts again");
         backend.up = false;
         backend.health.down();
         // With health checks, those bring it back.

@@ -60,7 +60,7 @@ pub use watchdog::serve as serve_watchdog;
 use crate::config::{Config, Source};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::snapshot::{BackendId, Snapshot, Snapshots};
+use crate::snapshot::{BackendId, ConnectFailure, Snapshot, Snapshots};
 use crate::systemd::Notifier;
 use life::{Worker, WorkerId};
 use rollout::Rollout;
@@ -179,7 +179,7 @@ pub struct Supervisor {
     inbox: Inbox,
     events: mpsc::UnboundedReceiver<Event>,
     /// Backends a connection failed to reach, reported by the proxy.
-    down: mpsc::UnboundedReceiver<BackendId>,
+    down: mpsc::UnboundedReceiver<(BackendId, ConnectFailure)>,
     next_id: u64,
     phase: Phase,
     /// A `GroupCheck` timer is set.
@@ -205,7 +205,7 @@ impl Supervisor {
         config: &Config,
         snapshots: Arc<Snapshots>,
         proxy: Proxy,
-        down: mpsc::UnboundedReceiver<BackendId>,
+        down: mpsc::UnboundedReceiver<(BackendId, ConnectFailure)>,
         metrics: Metrics,
     ) -> std::io::Result<(Self, Inbox)> {
         let (tx, events) = mpsc::unbounded_channel();
@@ -287,8 +287,8 @@ impl Supervisor {
                         self.publish();
                     }
                 }
-                Some(id) = self.down.recv() => {
-                    self.backend_down(id);
+                Some((id, why)) = self.down.recv() => {
+                    self.backend_down(id, why);
                     self.publish();
                 }
                 else => break,
