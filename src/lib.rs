@@ -98,6 +98,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                 inbox,
                 snapshots,
                 metrics,
+                guard: admin::auth::Guard::new(config.admin_token_file.clone()),
             },
         );
     }
