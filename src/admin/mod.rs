@@ -77,13 +77,23 @@ pub fn serve(listener: TcpListener, admin: Admin) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let Some(ticket) = pool.admit() else {
+            let Some(ticket) = pool.admit(request_arriving(&stream)) else {
                 debug!(%peer, "admin connection closed: every connection is busy answering");
                 continue;
             };
             tokio::spawn(connection(stream, peer, Arc::new(ticket), admin.clone()));
         }
     });
+}
+
+/// Whether the client has already sent the start of a request: a probe sends it with
+/// its connect, an idle client sends nothing.
+fn request_arriving(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd as _;
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    recv(stream.as_raw_fd(), &mut byte, flags).is_ok_and(|n| n > 0)
 }
 
 /// Serves one connection until it ends or the pool closes it to make room.

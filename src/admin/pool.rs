@@ -2,11 +2,13 @@
 //! many other clients are connected, idle or slow.
 //!
 //! lb accepts every connection at once instead of letting new ones queue behind open
-//! ones. When [`GENERAL`] connections are open, a new one takes the place of the one
-//! that has waited longest on its client (no request yet, an idle keep-alive, a
-//! request or body still trickling in): nginx closes idle connections the same way
-//! when it runs short, and a header timeout (HAProxy's `timeout http-request`) bounds
-//! how long any of them waits anyway. Connections whose request lb is answering are
+//! ones. When [`GENERAL`] connections are open, a new one takes the place of one that
+//! waits on its client: first the one that has sent nothing for longest (no request
+//! yet, an idle keep-alive), then the one whose request or body has trickled in for
+//! longest. nginx closes idle connections the same way when it runs short, and a header
+//! timeout (HAProxy's `timeout http-request`) bounds how long any of them waits anyway.
+//! A probe that sent its request with its connect is therefore never closed to make
+//! room for clients that send nothing. Connections whose request lb is answering are
 //! never closed; when all [`GENERAL`] are such, a new connection goes to the probe lane,
 //! a small budget of its own that answers only the cheap GETs (`/healthz`, `/metrics`)
 //! and closes.
@@ -37,6 +39,8 @@ struct Entry {
     /// Since when the connection waits on its client, as a tick of [`Entries::clock`];
     /// None while lb answers a request.
     waiting_since: Option<u64>,
+    /// Whether the client had begun sending a request when it started to wait.
+    sending: bool,
     closed: CancellationToken,
 }
 
@@ -57,8 +61,9 @@ impl Entries {
         self.open.values().filter(|e| e.lane == lane).count()
     }
 
-    /// Makes room in `lane` if it is full, by closing its connection that has waited
-    /// longest on its client; false if every one is busy.
+    /// Makes room in `lane` if it is full, by closing the connection that has waited
+    /// longest on a client that sends nothing, else on one that sends slowly; false if
+    /// every one is busy.
     fn make_room(&mut self, lane: Lane, size: usize) -> bool {
         if self.count(lane) < size {
             return true;
@@ -67,9 +72,9 @@ impl Entries {
             .open
             .iter()
             .filter(|(_, e)| e.lane == lane)
-            .filter_map(|(id, e)| Some((e.waiting_since?, *id)))
+            .filter_map(|(id, e)| Some((e.sending, e.waiting_since?, *id)))
             .min();
-        let Some((_, id)) = oldest else {
+        let Some((_, _, id)) = oldest else {
             return false;
         };
         if let Some(entry) = self.open.remove(&id) {
@@ -86,9 +91,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Takes in a new connection, closing an older one if need be; None when every
-    /// connection of both lanes is busy answering, and the new one must be closed.
-    pub fn admit(self: &Arc<Self>) -> Option<Ticket> {
+    /// Takes in a new connection, whose client has already begun `sending` its request
+    /// or not, closing an older one if need be; None when every connection of both
+    /// lanes is busy answering, and the new one must be closed.
+    pub fn admit(self: &Arc<Self>, sending: bool) -> Option<Ticket> {
         let mut entries = self.lock();
         let lane = if entries.make_room(Lane::General, GENERAL) {
             Lane::General
@@ -102,6 +108,7 @@ impl Pool {
         let entry = Entry {
             lane,
             waiting_since: Some(id),
+            sending,
             closed: closed.clone(),
         };
         entries.open.insert(id, entry);
@@ -125,6 +132,8 @@ impl Pool {
         let since = waiting.then(|| entries.tick());
         if let Some(entry) = entries.open.get_mut(&id) {
             entry.waiting_since = since;
+            // After an answer, a keep-alive connection waits for a request not yet begun.
+            entry.sending = false;
         }
     }
 }
@@ -179,7 +188,7 @@ mod tests {
 
     fn fill(pool: &Arc<Pool>, n: usize) -> Vec<Arc<Ticket>> {
         (0..n)
-            .map(|_| Arc::new(pool.admit().expect("admitted")))
+            .map(|_| Arc::new(pool.admit(false).expect("admitted")))
             .collect()
     }
 
@@ -192,15 +201,30 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let mut open = Vec::new();
         for _ in 0..GENERAL {
-            open.push(Arc::new(pool.admit().expect("admitted")));
+            open.push(Arc::new(pool.admit(false).expect("admitted")));
         }
         // The first connection answered a request a moment ago: it is the freshest now.
         drop(open[0].busy());
-        let newcomer = pool.admit().expect("admitted");
+        let newcomer = pool.admit(false).expect("admitted");
         assert_eq!(newcomer.lane(), Lane::General);
         assert!(!is_closed(&open[0]));
         assert!(is_closed(&open[1]), "the oldest waiting one goes");
         assert!(open[2..].iter().all(|t| !is_closed(t)));
+    }
+
+    #[test]
+    fn clients_that_send_nothing_go_before_those_that_send_a_request() {
+        let pool = Arc::new(Pool::default());
+        let sending = Arc::new(pool.admit(true).expect("admitted"));
+        let silent = fill(&pool, GENERAL - 1);
+        let newer = fill(&pool, GENERAL - 1);
+        assert!(newer.iter().all(|t| t.lane() == Lane::General));
+        assert!(silent.iter().all(|t| is_closed(t)));
+        assert!(!is_closed(&sending), "the oldest, but it sends a request");
+        // Once answered, it waits like any idle keep-alive connection, and goes in turn.
+        drop(sending.busy());
+        let _newest = fill(&pool, GENERAL);
+        assert!(is_closed(&sending));
     }
 
     #[test]
@@ -211,7 +235,7 @@ mod tests {
         let probes = fill(&pool, PROBE);
         assert!(probes.iter().all(|t| t.lane() == Lane::Probe));
         // A full probe lane makes room too; no busy general connection is touched.
-        let next = pool.admit().expect("admitted");
+        let next = pool.admit(false).expect("admitted");
         assert_eq!(next.lane(), Lane::Probe);
         assert!(is_closed(&probes[0]));
         assert!(general.iter().all(|t| !is_closed(t)));
@@ -219,7 +243,7 @@ mod tests {
         let _probe_busy: Vec<Busy> = probes[1..].iter().map(Ticket::busy).collect();
         let next = Arc::new(next);
         let _next_busy = next.busy();
-        assert!(pool.admit().is_none());
+        assert!(pool.admit(true).is_none());
     }
 
     #[test]
@@ -228,7 +252,7 @@ mod tests {
         let mut general = fill(&pool, GENERAL);
         let _busy: Vec<Busy> = general[1..].iter().map(Ticket::busy).collect();
         drop(general.remove(0));
-        assert_eq!(pool.admit().map(|t| t.lane()), Some(Lane::General));
+        assert_eq!(pool.admit(false).map(|t| t.lane()), Some(Lane::General));
         assert!(general.iter().all(|t| !is_closed(t)), "nobody was closed");
     }
 }

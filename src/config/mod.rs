@@ -209,7 +209,10 @@ pub fn admin_client(path: &Path) -> Result<AdminClient, ConfigError> {
     let parsed: AdminOnly = validate::deserialize(&text, &path.display().to_string())?;
     Ok(AdminClient {
         listen: parsed.admin.listen.resolve(),
-        token_file: parsed.admin.token_file.map(|file| base_dir(path).join(file)),
+        token_file: parsed
+            .admin
+            .token_file
+            .map(|file| base_dir(path).join(file)),
     })
 }
 
