@@ -259,12 +259,12 @@ enum Abuse {
     Stalled,
 }
 
-/// How many connections the abusive clients opened, and how many of the stalled ones lb
-/// closed.
+/// How many connections the abusive clients opened, and how many bytes the stalled ones
+/// trickled.
 #[derive(Default)]
 struct Pressure {
     connects: AtomicUsize,
-    stalled_closed: AtomicUsize,
+    stalled_bytes: AtomicUsize,
 }
 
 async fn abuse(addr: SocketAddr, how: Abuse, pressure: Arc<Pressure>, until: Instant) {
@@ -285,9 +285,9 @@ async fn abuse(addr: SocketAddr, how: Abuse, pressure: Arc<Pressure>, until: Ins
                             .cycle()
                         {
                             if stream.write_all(&[*byte]).await.is_err() {
-                                pressure.stalled_closed.fetch_add(1, Ordering::Relaxed);
                                 break;
                             }
+                            pressure.stalled_bytes.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                     }
@@ -299,20 +299,22 @@ async fn abuse(addr: SocketAddr, how: Abuse, pressure: Arc<Pressure>, until: Ins
     }
 }
 
-/// `GET path` on a fresh connection, answered in full within `limit`.
+/// `GET path` on a fresh connection: the status code (0 if none came) and how long the
+/// whole answer took, giving up after about `limit`.
 fn timed_get(addr: SocketAddr, path: &str, limit: Duration) -> (u16, Duration) {
     let started = Instant::now();
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, limit).expect("connect to the admin API");
-    stream.set_read_timeout(Some(limit)).expect("read timeout");
-    let head = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).expect("send request");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
+    let exchange = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)?;
+        stream.set_read_timeout(Some(limit))?;
+        let head = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
+    let code = exchange()
+        .ok()
+        .and_then(|response| response.split(' ').nth(1)?.parse().ok())
         .unwrap_or(0);
     (code, started.elapsed())
 }
@@ -336,18 +338,16 @@ fn healthz_answers_within_a_second_while_idle_and_stalled_clients_hold_the_admin
             runtime.spawn(abuse(admin, how, Arc::clone(&pressure), until))
         })
         .collect();
-    let connects = || pressure.connects.load(Ordering::Relaxed);
-    // Probes start once the stalled clients have held on long enough for lb to close
-    // some of them (their header timeout), and have come back.
-    wait_until("stalled clients closed by lb", DEADLINE, || {
-        pressure.stalled_closed.load(Ordering::Relaxed) >= 10
+    wait_until("250 abusive admin connections", DEADLINE, || {
+        pressure.connects.load(Ordering::Relaxed) >= 250
     });
     let limit = Duration::from_secs(1);
     for i in 0..5 {
-        // Each probe comes after more abusive connections, so they press all along.
-        let seen = connects();
-        wait_until("more abusive connections", DEADLINE, || {
-            connects() >= seen + 50
+        // Each probe comes after every stalled client sent about one more byte (500 ms):
+        // the five span more than lb's 2 s header timeout.
+        let seen = pressure.stalled_bytes.load(Ordering::Relaxed);
+        wait_until("the stalled clients trickling on", DEADLINE, || {
+            pressure.stalled_bytes.load(Ordering::Relaxed) >= seen + 50
         });
         let (code, took) = timed_get(admin, "/healthz", limit);
         assert!(
