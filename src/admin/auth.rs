@@ -14,7 +14,6 @@ const MAX_SECRET: usize = 1024;
 
 /// An admin token. Its `Debug` is masked, it has no `Display`, and it is compared in
 /// constant time: nothing lb prints or measures reveals it.
-#[derive(Clone)]
 pub struct Secret {
     bytes: Box<[u8; MAX_SECRET]>,
     len: usize,
