@@ -97,6 +97,7 @@ pub async fn run(source: config::Source, config: Config) -> anyhow::Result<()> {
                 inbox,
                 snapshots,
                 metrics,
+                guard: admin::auth::Guard::new(config.admin_token_file.clone()),
             },
         );
     }

@@ -2,12 +2,12 @@
 //! running lb.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser as _;
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use lb::admin::{client, status::Status};
 use lb::cli::{Cli, Command};
 use lb::{config, logging, output};
@@ -164,30 +164,39 @@ fn run_until_stopped(cli: &Cli, source: &config::Source) -> ExitCode {
     }
 }
 
+/// What a client command says when lb answers 401 and no token was sent.
+const NEEDS_TOKEN: &str = "the admin API needs a token: set LB_ADMIN_TOKEN or admin.token_file";
+
 /// Where the client commands find lb: `--admin`, else the config file's `admin.listen`,
-/// else the default address.
-fn admin_address(cli: &Cli) -> Result<SocketAddr, String> {
-    if let Some(addr) = cli.admin {
-        return Ok(addr);
-    }
-    match config::admin_address(&cli.config) {
-        Ok(Some(addr)) => Ok(addr),
-        Ok(None) => Err(format!(
-            "{}: admin.listen is null, so lb has no admin API to ask",
-            cli.config.display()
-        )),
+/// else the default address; and the token they send: `LB_ADMIN_TOKEN`, else the config
+/// file's `admin.token_file`.
+fn admin_target(cli: &Cli) -> Result<(SocketAddr, Option<PathBuf>), String> {
+    let settings = match config::admin_client(&cli.config) {
+        Ok(settings) => settings,
+        Err(_) if cli.admin.is_some() => config::AdminClient {
+            listen: cli.admin,
+            token_file: None,
+        },
         // A running lb still answers, and for `lb reload` it reports the same error
         // itself; the default address is the best guess at where it listens.
         Err(err) => {
             let addr = config::DEFAULT_ADMIN;
             eprintln!("lb: {err}; asking the default admin address {addr} (or pass --admin ADDR)");
-            Ok(addr)
+            return Ok((addr, None));
         }
+    };
+    match cli.admin.or(settings.listen) {
+        Some(addr) => Ok((addr, settings.token_file)),
+        None => Err(format!(
+            "{}: admin.listen is null, so lb has no admin API to ask",
+            cli.config.display()
+        )),
     }
 }
 
 /// One request to a running lb; prints the answer (through `show`) on success, or one
-/// line on stderr and exit 1.
+/// line on stderr and exit 1. The token goes with every request; only a POST fails
+/// when it cannot be had, since GET requests are open.
 fn client_command(
     cli: &Cli,
     method: Method,
@@ -200,9 +209,17 @@ fn client_command(
         eprintln!("lb: {}", msg.trim_end());
         ExitCode::FAILURE
     };
-    let addr = match admin_address(cli) {
-        Ok(addr) => addr,
+    let (addr, token_file) = match admin_target(cli) {
+        Ok(target) => target,
         Err(msg) => return fail(&msg),
+    };
+    let token = client::token(std::env::var_os("LB_ADMIN_TOKEN"), token_file);
+    let secret = match &token {
+        Some((_, Ok(secret))) => Some(secret),
+        Some((source, Err(msg))) if method == Method::POST => {
+            return fail(&format!("{source} {msg}"));
+        }
+        _ => None,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -211,13 +228,19 @@ fn client_command(
         Ok(rt) => rt,
         Err(err) => return fail(&format!("could not start the async runtime: {err}")),
     };
-    match runtime.block_on(client::call(addr, method, path, body, limit)) {
+    match runtime.block_on(client::call(addr, method, path, body, secret, limit)) {
         Ok((code, body)) if code.is_success() => match show(&body) {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS
             }
             Err(msg) => fail(&msg),
+        },
+        Ok((StatusCode::UNAUTHORIZED, _)) => match (&token, secret) {
+            (Some((source, _)), Some(_)) => {
+                fail(&format!("the admin API refused the token from {source}"))
+            }
+            _ => fail(NEEDS_TOKEN),
         },
         Ok((code, body)) => fail(&format!("{code}: {body}")),
         Err(err) => fail(&format!("{err:#}")),

@@ -3,7 +3,9 @@
 //! the same runtime, and only ever reads the snapshot or asks the supervisor: it never
 //! takes a lock on the connection path.
 
+pub mod auth;
 pub mod client;
+mod pool;
 pub mod status;
 
 use std::convert::Infallible;
@@ -15,25 +17,31 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
-use tracing::debug;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
 
 use crate::channel::Message;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshots;
 use crate::supervisor::{Command, CommandError, Inbox, Loaded, Scope};
+use auth::{Guard, Refusal};
+use pool::{Lane, Pool, Ticket};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// A client must send its request headers, and then its body, each within this time.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin connections open at once: enough for scrapers and operators, and far below the
-/// file descriptors the proxy needs, so idle admin clients cannot starve it.
-const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request line and headers within this time, counted from the
+/// connection's start or the end of its previous answer (so it is also how long an idle
+/// keep-alive connection stays): one round trip takes far less, and a client that
+/// trickles its headers (slowloris) is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same for a connection in the probe lane, which only ever answers a cheap GET.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// A client must send its request body within this time (up to [`MAX_BODY`]).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
 #[derive(Debug, Clone)]
@@ -41,6 +49,8 @@ pub struct Admin {
     pub inbox: Inbox,
     pub snapshots: Arc<Snapshots>,
     pub metrics: Metrics,
+    /// Who may POST (`admin.token_file`).
+    pub guard: Guard,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -55,41 +65,74 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     listener.with_context(|| format!("admin API: could not listen on {addr}"))
 }
 
-/// Serves the admin API until lb exits.
+/// Serves the admin API until lb exits. Every connection is accepted at once, so a
+/// probe never waits behind other clients in the accept queue; [`pool`] decides which
+/// connections stay open.
 pub fn serve(listener: TcpListener, admin: Admin) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let pool = Arc::new(Pool::default());
     tokio::spawn(async move {
         loop {
-            let permit = Arc::clone(&limit)
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
             let Ok((stream, peer)) = listener.accept().await else {
                 // Out of file descriptors: the proxy has priority; try again shortly.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let admin = admin.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(admin.clone(), req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(err) = conn.await {
-                    debug!(%peer, %err, "admin connection ended");
-                }
-                drop(permit);
-            });
+            let Some(ticket) = pool.admit(request_arriving(&stream)) else {
+                debug!(%peer, "admin connection closed: every connection is busy answering");
+                continue;
+            };
+            tokio::spawn(connection(stream, peer, Arc::new(ticket), admin.clone()));
         }
     });
 }
 
-async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallible> {
+/// Whether the client has already sent the start of a request: a probe sends it with
+/// its connect, an idle client sends nothing.
+fn request_arriving(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd as _;
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    recv(stream.as_raw_fd(), &mut byte, flags).is_ok_and(|n| n > 0)
+}
+
+/// Serves one connection until it ends or the pool closes it to make room.
+async fn connection(stream: TcpStream, peer: SocketAddr, ticket: Arc<Ticket>, admin: Admin) {
+    let lane = ticket.lane();
+    let busy_ticket = Arc::clone(&ticket);
+    let service = hyper::service::service_fn(move |req| {
+        let busy = busy_ticket.busy();
+        let admin = admin.clone();
+        async move {
+            let reply = handle(admin, lane, req).await;
+            drop(busy);
+            reply
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new());
+    match lane {
+        Lane::General => builder.header_read_timeout(HEADER_TIMEOUT),
+        Lane::Probe => builder
+            .header_read_timeout(PROBE_HEADER_TIMEOUT)
+            .keep_alive(false),
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        result = conn => if let Err(err) = result {
+            debug!(%peer, %err, "admin connection ended");
+        },
+        () = ticket.closed() => debug!(%peer, "admin connection closed to make room for a newer one"),
+    }
+}
+
+async fn handle(admin: Admin, lane: Lane, req: Request<Incoming>) -> Result<Reply, Infallible> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let query = req.uri().query().unwrap_or_default().to_owned();
     let allowed = match path.as_str() {
-        "/metrics" | "/healthz" | "/status" => Method::GET,
+        "/metrics" | "/healthz" => Method::GET,
+        _ if lane == Lane::Probe => return Ok(busy()),
+        "/status" => Method::GET,
         "/reload" | "/restart" | "/broadcast" => Method::POST,
         _ => {
             return Ok(text(
@@ -114,7 +157,12 @@ async fn handle(admin: Admin, req: Request<Incoming>) -> Result<Reply, Infallibl
         );
         return Ok(reply);
     }
-    let body = match tokio::time::timeout(READ_TIMEOUT, read_body(req)).await {
+    if allowed == Method::POST
+        && let Err(refusal) = admin.guard.check(req.headers()).await
+    {
+        return Ok(refused(&refusal));
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(req)).await {
         Ok(Ok(body)) => body,
         Ok(Err(reply)) => return Ok(reply),
         Err(_) => {
@@ -295,6 +343,39 @@ async fn answer(rx: oneshot::Receiver<Result<String, CommandError>>) -> Reply {
         }
         Err(_) => stopping(),
     }
+}
+
+/// 401 (or 503 when the token file cannot be read), never saying what the token is.
+fn refused(refusal: &Refusal) -> Reply {
+    let message = match refusal {
+        Refusal::Missing => "POST requests need the admin token: Authorization: Bearer TOKEN\n",
+        Refusal::Wrong => "the admin token is wrong\n",
+        Refusal::Unreadable(err) => {
+            warn!("admin.token_file: {err}; POST requests are refused until it can be read");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the admin token file cannot be read; see lb's log\n",
+            );
+        }
+    };
+    let mut reply = text(StatusCode::UNAUTHORIZED, message);
+    reply.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        "Bearer realm=\"lb admin\"".parse().expect("valid header"),
+    );
+    reply
+}
+
+/// What the probe lane answers to anything but its cheap GETs (and then closes).
+fn busy() -> Reply {
+    let mut reply = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the admin API is busy answering other requests; GET /healthz and /metrics still answer\n",
+    );
+    reply
+        .headers_mut()
+        .insert(RETRY_AFTER, "1".parse().expect("valid header"));
+    reply
 }
 
 fn stopping() -> Reply {

@@ -41,6 +41,8 @@ pub struct Config {
     pub resolvers: Vec<SocketAddr>,
     /// The admin API's address; None when `admin.listen: null` turns it off.
     pub admin: Option<SocketAddr>,
+    /// `admin.token_file`, absolute: the file whose secret POST requests must carry.
+    pub admin_token_file: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -167,12 +169,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("could not read: {err}"),
         }])
     })?;
-    // A bare `lb.yaml` has an empty parent, which as a working directory fails to spawn.
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    parse(&text, &file, base)
+    parse(&text, &file, base_dir(path))
 }
 
 /// Parses config text; `file` names it in errors and `base` anchors relative paths.
@@ -182,11 +179,20 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors
     validate::build(raw, file, base)
 }
 
-/// The admin address for the client commands (`lb status`, `lb reload`, ...), read from
-/// `admin.listen` alone, so a file with errors elsewhere (the one about to be reloaded)
-/// still names it. The default address if the file cannot be read, is empty or has no
-/// `admin.listen`; `Ok(None)` if it turns the API off; an error if it is not YAML.
-pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+/// What the client commands (`lb status`, `lb reload`, ...) read from the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminClient {
+    /// `admin.listen`; None when it turns the API off.
+    pub listen: Option<SocketAddr>,
+    /// `admin.token_file`, resolved against the config file's folder as lb does.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The admin section for the client commands, read alone, so a file with errors
+/// elsewhere (the one about to be reloaded) still names it. The default address and no
+/// token if the file cannot be read, is empty or has no `admin:`; an error if it is not
+/// YAML.
+pub fn admin_client(path: &Path) -> Result<AdminClient, ConfigError> {
     #[derive(serde::Deserialize)]
     struct AdminOnly {
         #[serde(default)]
@@ -196,13 +202,32 @@ pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
     struct AdminSection {
         #[serde(default)]
         listen: types::AdminListen,
+        #[serde(default)]
+        token_file: Option<PathBuf>,
     }
     let text = std::fs::read_to_string(path).unwrap_or_default();
     if validate::is_blank(&text) {
-        return Ok(Some(DEFAULT_ADMIN));
+        return Ok(AdminClient {
+            listen: Some(DEFAULT_ADMIN),
+            token_file: None,
+        });
     }
     let parsed: AdminOnly = validate::deserialize(&text, &path.display().to_string())?;
-    Ok(parsed.admin.listen.resolve())
+    Ok(AdminClient {
+        listen: parsed.admin.listen.resolve(),
+        token_file: parsed
+            .admin
+            .token_file
+            .map(|file| base_dir(path).join(file)),
+    })
+}
+
+/// The folder relative paths in the config file start from. A bare `lb.yaml` has an
+/// empty parent, which as a working directory fails to spawn.
+fn base_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 impl Config {
@@ -256,14 +281,21 @@ impl Config {
     /// The one-screen summary `lb check` prints for a valid file.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        match self.admin {
-            Some(addr) => {
+        match (self.admin, &self.admin_token_file) {
+            (Some(addr), None) => {
                 let _ = writeln!(
                     out,
                     "admin API: http://{addr}/ (status, metrics, reload, restart)"
                 );
             }
-            None => out.push_str("admin API: off\n"),
+            (Some(addr), Some(file)) => {
+                let _ = writeln!(
+                    out,
+                    "admin API: http://{addr}/ (status, metrics, reload, restart); POST needs the token from {}",
+                    file.display()
+                );
+            }
+            (None, _) => out.push_str("admin API: off\n"),
         }
         for svc in &self.services {
             let listen: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();

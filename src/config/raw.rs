@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 use super::types::{
     AdminListen, BackendSpec, Balance, ByteSize, CheckCount, CommandSpec, ConnectionLimit,
@@ -24,11 +24,27 @@ pub(super) struct RawConfig {
     pub services: Spanned<Vec<RawService>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    pub listen: Spanned<AdminListen>,
     #[serde(default)]
-    pub listen: AdminListen,
+    pub token_file: Option<Spanned<String>>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+            token_file: None,
+        }
+    }
+}
+
+/// An absent `admin.listen`: the default address, with no place in the file.
+fn default_admin_listen() -> Spanned<AdminListen> {
+    Spanned::new(AdminListen::Default, Location::UNKNOWN, Location::UNKNOWN)
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use serde_path_to_error::Segment;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
-use super::raw::{RawBackoff, RawConfig, RawHealthCheck, RawService, RawWorkers};
+use super::raw::{RawAdmin, RawBackoff, RawConfig, RawHealthCheck, RawService, RawWorkers};
 use super::types::{Balance, ListenAddrs, ScalarText, addresses_clash};
 use super::{
     BackoffPolicy, Config, ConfigError, ConfigErrors, HealthCheck, ServiceConfig, Timeouts,
@@ -123,12 +123,16 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
         let msg = "expected at least one service".to_owned();
         errors.push(at(&raw.services.referenced, "services".to_owned(), msg));
     }
+    let admin = raw.admin.listen.value.resolve();
+    let admin_token_file = match admin_token(&raw.admin, base, &at) {
+        Ok(file) => file,
+        Err(err) => {
+            errors.push(err);
+            None
+        }
+    };
     errors.extend(unique_names(&raw.services.value, &at));
-    errors.extend(unique_listeners(
-        &raw.services.value,
-        raw.admin.listen.resolve(),
-        &at,
-    ));
+    errors.extend(unique_listeners(&raw.services.value, admin, &at));
     errors.extend(backends_present(&raw.services.value, &at));
     let mut services = Vec::new();
     for (i, svc) in raw.services.value.into_iter().enumerate() {
@@ -146,7 +150,8 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
                 .into_iter()
                 .map(|r| r.0)
                 .collect(),
-            admin: raw.admin.listen.resolve(),
+            admin,
+            admin_token_file,
             services,
         })
     } else {
@@ -156,6 +161,34 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
 }
 
 type At<'a> = dyn Fn(&Location, String, String) -> ConfigError + 'a;
+
+/// `admin.token_file`, resolved against the config file's folder, holding a usable
+/// secret; required when the admin API listens beyond loopback, where anyone who
+/// reaches it could otherwise reload, restart and message lb.
+fn admin_token(raw: &RawAdmin, base: &Path, at: &At) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(file) = &raw.token_file else {
+        return match raw.listen.value.resolve() {
+            Some(addr) if !addr.ip().to_canonical().is_loopback() => Err(at(
+                &raw.listen.referenced,
+                "admin.listen".to_owned(),
+                format!(
+                    "{addr} is not a loopback address, so the admin API needs a token: \
+                     set admin.token_file (or listen on 127.0.0.1)"
+                ),
+            )),
+            _ => Ok(None),
+        };
+    };
+    let path = base.join(&file.value);
+    match crate::admin::auth::Secret::read(&path) {
+        Ok(_) => Ok(Some(std::path::absolute(&path).unwrap_or(path))),
+        Err(msg) => Err(at(
+            &file.referenced,
+            "admin.token_file".to_owned(),
+            format!("{} {msg}", file.value),
+        )),
+    }
+}
 
 fn unique_names(services: &[RawService], at: &At) -> Vec<ConfigError> {
     let mut seen: HashMap<&str, u64> = HashMap::new();
