@@ -164,6 +164,9 @@ pub struct Supervisor {
     source: Arc<Source>,
     /// The admin address lb started with (it does not move on reload).
     admin: Option<SocketAddr>,
+    /// The admin token's file lb started with (read on every POST; another file applies
+    /// only when lb restarts).
+    admin_token_file: Option<std::path::PathBuf>,
     /// How long lb keeps accepting after SIGTERM, as the config said at start or at the
     /// last reload.
     shutdown_delay: Duration,
@@ -216,6 +219,7 @@ impl Supervisor {
         let mut sup = Supervisor {
             source,
             admin: config.admin,
+            admin_token_file: config.admin_token_file.clone(),
             shutdown_delay: config.shutdown_delay,
             resolvers: config.resolvers.as_slice().into(),
             services: Vec::new(),

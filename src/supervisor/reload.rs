@@ -49,6 +49,9 @@ impl Supervisor {
         if config.admin != self.admin {
             warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
         }
+        if config.admin_token_file != self.admin_token_file {
+            warn!(%path, "admin.token_file changed: the admin API reads another file only when lb restarts");
+        }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
         let mut bound = self.bind_new(&diff).map_err(CommandError::Invalid)?;
