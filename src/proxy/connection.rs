@@ -12,9 +12,9 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::{Shared, copy, is_resource_exhaustion, proxy_protocol};
+use super::{Shared, copy, exhaustion, is_resource_exhaustion, proxy_protocol};
 use crate::config::ProxyProtocol;
 use crate::metrics::DroppedMetrics;
 use crate::snapshot::{ActiveGuard, Backend, BackendId, ConnectFailure, Pool};
@@ -203,6 +203,7 @@ async fn connect(
         .await;
         match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
             Ok(upstream) => {
+                exhaustion::connected();
                 let logged = pool.relay.log_connections.then(|| Box::new(peer));
                 return Some(Connected {
                     pool,
@@ -216,7 +217,7 @@ async fn connect(
             // lb itself is out of descriptors or memory: every backend would fail the
             // same way, and none of them is at fault.
             Err(err) if is_resource_exhaustion(&err) => {
-                warn!(service, backend = %backend.label, %err, "could not connect to a backend: lb is out of resources; closing the client");
+                exhaustion::closed_a_client(service, &err);
                 dropped(&pool, service, peer, started, Dropped::Resources);
                 return None;
             }

@@ -3,6 +3,7 @@
 
 mod connection;
 mod copy;
+mod exhaustion;
 mod listener;
 pub mod proxy_protocol;
 
