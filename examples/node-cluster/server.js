@@ -24,12 +24,18 @@ const server = http.createServer((req, res) => {
 // {"lb":"drain","timeout_ms":N}. lb sends no new connection after it; closing the idle
 // keep-alive connections sends their clients to the other workers at once, instead of
 // holding this worker until drain_timeout. lb sends the stop signal once they are gone.
+// They are closed after a short grace: a connection Node counts as idle may hold a
+// request already on its way (sent, not yet read), which closing at once would lose;
+// within the grace every busy client gets its answer with "Connection: close" instead.
+const DRAIN_GRACE_MS = 200;
 process.on("message", (msg) => {
   if (msg && typeof msg.usersCount === "number") usersCount = msg.usersCount;
   if (msg && msg.lb === "drain" && !process.env.IGNORE_DRAIN) {
     draining = true;
-    server.close();
-    server.closeIdleConnections();
+    setTimeout(() => {
+      server.close();
+      server.closeIdleConnections();
+    }, DRAIN_GRACE_MS);
   }
 });
 
