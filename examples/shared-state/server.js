@@ -110,12 +110,15 @@ function maybeReady() {
 
 // lb's drain message: this worker leaves rotation (rollout, scale-down, lb's stop), so
 // stop taking requests and close idle keep-alive connections; their clients move to the
-// other workers at once. lb sends the stop signal once the connections are gone.
+// other workers. lb sends the stop signal once the connections are gone. The 200 ms
+// grace lets a request already on its way on an "idle" connection be answered first.
 process.on("message", (msg) => {
   if (msg && msg.lb === "drain") {
     draining = true;
-    server.close();
-    server.closeIdleConnections();
+    setTimeout(() => {
+      server.close();
+      server.closeIdleConnections();
+    }, 200);
   }
 });
 
