@@ -101,9 +101,7 @@ pub async fn run(source: config::Source, config: Config) -> anyhow::Result<()> {
             },
         );
     }
-    for addr in systemd::activation::untaken() {
-        tracing::warn!(%addr, "a socket passed by systemd matches no listen address; it stays unused");
-    }
+    systemd::activation::warn_unused(&config);
     supervisor.run().await;
     logging::forwarded(std::time::Duration::from_secs(1)).await;
     Ok(())

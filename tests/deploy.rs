@@ -424,9 +424,12 @@ fn the_manifest_checks_catch_what_they_are_for() {
     docs[cm]["data"]["lb.yaml"] = json!(text.replace("stop_timeout:", "stop_timout:"));
     caught(&docs, "stop_timout");
 
-    // The admin API on the pod network.
+    // The admin API on the pod network, without a token: lb check refuses it.
     docs[cm]["data"]["lb.yaml"] = json!(text.replace("127.0.0.1:9900", "0.0.0.0:9900"));
-    caught(&docs, "admin.listen 0.0.0.0:9900 is not loopback");
+    caught(
+        &docs,
+        "admin.listen: 0.0.0.0:9900 is not a loopback address",
+    );
 
     // An HTTP probe cannot reach a loopback admin API.
     let mut docs = load("lb-in-app-pod.yaml");

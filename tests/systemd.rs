@@ -313,3 +313,79 @@ fn the_units_stop_timeout_exceeds_the_longest_stop_of_the_defaults() {
         "TimeoutStopSec={timeout}, longest stop {longest}s"
     );
 }
+
+#[test]
+fn a_passed_socket_can_be_taken_again_after_a_failed_reload() {
+    // The test holds the passed socket as systemd does.
+    let socket = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let passed = socket.local_addr().expect("address");
+    // An address something else listens on, so a reload that wants it fails.
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = busy.local_addr().map(|a| (a, busy)).expect("address");
+    let base = Config::new().service(Service::workers("web").count(1));
+    let lb = start_with_socket(&base.yaml(), &socket);
+    lb.wait_ready(1);
+    // A reload that adds a service on the passed address and on a busy one: refused.
+    let both = base
+        .clone()
+        .service(Service::backends("api", &[lb.listen]).listen(format!("[{passed}, {}]", busy.0)));
+    lb.rewrite_config(&both.yaml());
+    let out = lb.cli(&["reload"]);
+    assert!(!out.status.success(), "{out:?}");
+    // The same service on the passed address alone must now work.
+    let one = base.service(Service::backends("api", &[lb.listen]).listen(passed));
+    lb.rewrite_config(&one.yaml());
+    let out = lb.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_passed_socket_can_be_taken_again_after_a_reload_released_it() {
+    let socket = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let passed = socket.local_addr().expect("address");
+    let base = Config::new().service(Service::workers("web").count(1));
+    let with_api = base
+        .clone()
+        .service(Service::backends("api", &[passed]).listen(passed));
+    let lb = start_with_socket(&with_api.yaml(), &socket);
+    lb.wait_ready(1);
+    lb.rewrite_config(&base.yaml());
+    let out = lb.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    lb.rewrite_config(&with_api.yaml());
+    let out = lb.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn no_reloading_or_ready_is_sent_after_stopping() {
+    let notify = NotifySocket::new();
+    let config = Config::new()
+        .shutdown_delay("5s")
+        .service(Service::workers("web").count(1))
+        .yaml();
+    let lb = Lb::start_under(&config, &[], &[("NOTIFY_SOCKET", &notify.path)]);
+    let mut pings = 0;
+    assert_eq!(first_line(&notify.next(&mut pings)), "READY=1");
+    lb.signal(Signal::SIGTERM);
+    assert_eq!(first_line(&notify.next(&mut pings)), "STOPPING=1");
+    // An operator's reload while lb drains (shutdown_delay keeps it up).
+    let reload = lb.cli(&["reload"]);
+    assert!(!reload.status.success(), "{reload:?}");
+    let mut buf = [0u8; 4096];
+    let mut after = Vec::new();
+    while let Ok(n) = notify.socket.recv(&mut buf) {
+        after.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(after.is_empty(), "after STOPPING=1: {after:?}");
+}

@@ -82,3 +82,43 @@ fn a_worker_that_stays_above_max_memory_is_replaced_drain_first() {
         .max();
     assert!(restarts >= Some(1), "{:?}", lb.status_workers("web"));
 }
+
+fn series(lb: &Lb, name: &str, worker: &str) -> bool {
+    let (_, text) = lb.admin("GET", "/metrics", b"");
+    let label = format!("worker=\"{worker}\"");
+    text.lines()
+        .any(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+}
+
+#[test]
+fn a_scaled_down_slot_leaves_no_cpu_series_behind() {
+    let service = |count| {
+        Service::workers("web")
+            .count(count)
+            .set("drain_timeout", "30s")
+            .env("HELLO", "1")
+    };
+    let lb = Lb::start(&Config::new().service(service(2)).yaml());
+    lb.wait_ready(2);
+    lb.wait_status("slot 1 sampled", DEADLINE, |lb| {
+        series(lb, "lb_worker_cpu_seconds_total", "1")
+    });
+    // Slot 1's worker drains for a while: it holds a connection.
+    let held = common::held::one_per_slot(lb.listen, 2);
+    lb.rewrite_config(&Config::new().service(service(1)).yaml());
+    let out = lb.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    lb.wait_status("slot 1 draining", DEADLINE, |lb| {
+        !lb.pids_in_state("web", "draining").is_empty()
+    });
+    // Several samples of the draining worker.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let backend_up = series(&lb, "lb_backend_up", "1");
+    let cpu = series(&lb, "lb_worker_cpu_seconds_total", "1");
+    drop(held);
+    assert!(!backend_up, "lb_backend_up of the removed slot");
+    assert!(
+        !cpu,
+        "lb_worker_cpu_seconds_total of the removed slot is back"
+    );
+}

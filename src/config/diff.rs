@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use super::{BackendSpec, ServiceConfig};
+use super::{BackendSpec, ServiceConfig, WorkersConfig};
 
 /// The changes a reload makes, service by service.
 #[derive(Debug, Default)]
@@ -73,51 +73,86 @@ fn change(before: &ServiceConfig, after: &ServiceConfig) -> ServiceChange {
     }
 }
 
-/// The keys of a service whose values differ between `before` and `after`.
+/// The keys of a service whose values differ between `before` and `after`. Each config
+/// is taken apart field by field, so a key added to either struct must be named here.
 fn changed_keys(before: &ServiceConfig, after: &ServiceConfig) -> Vec<&'static str> {
-    let (b, a) = (before, after);
-    let mut keys: Vec<&'static str> = [
-        ("listen", b.listen != a.listen),
-        ("balance", b.balance != a.balance),
-        ("max_connections", b.max_connections != a.max_connections),
-        ("timeouts.connect", b.timeouts.connect != a.timeouts.connect),
-        ("timeouts.idle", b.timeouts.idle != a.timeouts.idle),
-        ("backends", b.backends != a.backends),
-        ("resolve_every", b.resolve_every != a.resolve_every),
-        ("health_check", b.health_check != a.health_check),
-        ("proxy_protocol", b.proxy_protocol != a.proxy_protocol),
-        ("log_connections", b.log_connections != a.log_connections),
-    ]
-    .into_iter()
-    .filter_map(|(key, differs)| differs.then_some(key))
-    .collect();
-    match (&b.workers, &a.workers) {
-        (Some(b), Some(a)) => keys.extend(
-            [
-                ("workers.command", b.command != a.command),
-                ("workers.count", b.count != a.count),
-                ("workers.cwd", b.cwd != a.cwd),
-                ("workers.env", b.env != a.env),
-                ("workers.ready", b.ready != a.ready),
-                ("workers.ready_timeout", b.ready_timeout != a.ready_timeout),
-                ("workers.drain_timeout", b.drain_timeout != a.drain_timeout),
-                ("workers.stop_signal", b.stop_signal != a.stop_signal),
-                ("workers.stop_timeout", b.stop_timeout != a.stop_timeout),
-                (
-                    "workers.restart_backoff",
-                    b.restart_backoff != a.restart_backoff,
-                ),
-                ("workers.feed", b.feed != a.feed),
-                ("workers.rollout_watch", b.rollout_watch != a.rollout_watch),
-                ("workers.max_memory", b.max_memory != a.max_memory),
-            ]
-            .into_iter()
-            .filter_map(|(key, differs)| differs.then_some(key)),
+    let ServiceConfig {
+        name: _,
+        listen,
+        balance,
+        max_connections,
+        timeouts,
+        workers,
+        backends,
+        resolve_every,
+        health_check,
+        proxy_protocol,
+        log_connections,
+    } = before;
+    let mut keys = differing(&[
+        ("listen", *listen != after.listen),
+        ("balance", *balance != after.balance),
+        ("max_connections", *max_connections != after.max_connections),
+        (
+            "timeouts.connect",
+            timeouts.connect != after.timeouts.connect,
         ),
+        ("timeouts.idle", timeouts.idle != after.timeouts.idle),
+        ("backends", *backends != after.backends),
+        ("resolve_every", *resolve_every != after.resolve_every),
+        ("health_check", *health_check != after.health_check),
+        ("proxy_protocol", *proxy_protocol != after.proxy_protocol),
+        ("log_connections", *log_connections != after.log_connections),
+    ]);
+    match (workers, &after.workers) {
+        (Some(b), Some(a)) => keys.extend(changed_worker_keys(b, a)),
         (None, None) => {}
         _ => keys.push("workers"),
     }
     keys
+}
+
+fn changed_worker_keys(before: &WorkersConfig, after: &WorkersConfig) -> Vec<&'static str> {
+    let WorkersConfig {
+        command,
+        count,
+        cwd,
+        env,
+        ready,
+        ready_timeout,
+        drain_timeout,
+        stop_signal,
+        stop_timeout,
+        restart_backoff,
+        feed,
+        rollout_watch,
+        max_memory,
+    } = before;
+    let a = after;
+    differing(&[
+        ("workers.command", *command != a.command),
+        ("workers.count", *count != a.count),
+        ("workers.cwd", *cwd != a.cwd),
+        ("workers.env", *env != a.env),
+        ("workers.ready", *ready != a.ready),
+        ("workers.ready_timeout", *ready_timeout != a.ready_timeout),
+        ("workers.drain_timeout", *drain_timeout != a.drain_timeout),
+        ("workers.stop_signal", *stop_signal != a.stop_signal),
+        ("workers.stop_timeout", *stop_timeout != a.stop_timeout),
+        (
+            "workers.restart_backoff",
+            *restart_backoff != a.restart_backoff,
+        ),
+        ("workers.feed", *feed != a.feed),
+        ("workers.rollout_watch", *rollout_watch != a.rollout_watch),
+        ("workers.max_memory", *max_memory != a.max_memory),
+    ])
+}
+
+fn differing(keys: &[(&'static str, bool)]) -> Vec<&'static str> {
+    keys.iter()
+        .filter_map(|&(key, differs)| differs.then_some(key))
+        .collect()
 }
 
 /// Items of `these` that `those` lacks.

@@ -1,7 +1,7 @@
 //! Where lb's config comes from: a file, read again on every reload and rolling restart,
 //! or the command line of `lb run`, which has no file and stays as it was given.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use super::{Config, ConfigErrors};
@@ -29,9 +29,9 @@ impl Source {
     /// listening on `listen`, ready by `ready` (`tcp` or `message`); the admin API on
     /// `admin` when given, else at its default. Every other key keeps its default.
     pub fn command_line(run: &RunFlags<'_>, cwd: &Path) -> Source {
-        // JSON strings are YAML strings, so no argument can change the file's shape.
-        let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
-        let argv = serde_json::to_string(run.command).unwrap_or_default();
+        let quote = yaml_string;
+        let argv: Vec<String> = run.command.iter().map(|arg| yaml_string(arg)).collect();
+        let argv = format!("[{}]", argv.join(", "));
         let admin = run.admin.map_or(String::new(), |addr| {
             format!("admin:\n  listen: {}\n", quote(&addr.to_string()))
         });
@@ -47,6 +47,26 @@ impl Source {
             cwd: cwd.to_owned(),
         }
     }
+}
+
+/// `text` as a YAML double-quoted string: every character YAML would not take as written
+/// (quotes, backslashes, control and line-separating characters) escaped, so no argument
+/// can change the file's shape or fail to parse.
+fn yaml_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}') => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The flags of `lb run`.
@@ -107,7 +127,7 @@ mod tests {
         let command = [
             "sh".to_owned(),
             "-c".to_owned(),
-            "echo \"]\n- x: {".to_owned(),
+            "echo \"]\n- x: {\\ \u{7f}\u{85}\u{2028}\t \u{1F600}".to_owned(),
         ];
         let config = Source::command_line(&flags(&command, "auto"), Path::new("/"))
             .load()

@@ -149,7 +149,11 @@ impl Supervisor {
             return;
         };
         let out_for = since.elapsed();
-        if out_for <= w.config.ready_timeout || !self.phase.keeps_workers() {
+        // A worker that no longer fills its slot (a rollout replaced it) is leaving anyway.
+        if out_for <= w.config.ready_timeout
+            || !self.phase.keeps_workers()
+            || self.slot_of(id).is_none()
+        {
             return;
         }
         let (service, pid, slot) = (Arc::clone(&w.service), w.pid, w.slot);

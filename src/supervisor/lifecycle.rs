@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::backoff::HEALTHY_UPTIME;
 use super::health::Health;
 use super::life::{Input, Life, Worker, WorkerId};
 use super::rolling::View;
@@ -209,13 +210,15 @@ impl Supervisor {
     }
 
     /// Replaces the worker in its slot, drain first: it leaves rotation and drains, and a
-    /// new one starts at once (counted as a restart for `reason`). Does nothing for a
-    /// worker that no longer fills a slot.
+    /// new one starts (counted as a restart for `reason`): at once, or after the slot's
+    /// backoff if the worker ran less than a healthy uptime, as after a crash, so a
+    /// limit that every fresh worker breaks does not replace workers in a loop (each
+    /// drain holding another copy). Does nothing for a worker that no longer fills a slot.
     pub(super) fn replace(&mut self, id: WorkerId, reason: &'static str) {
         let (Some((si, slot)), Some(w)) = (self.slot_of(id), self.workers.get(&id)) else {
             return;
         };
-        let service = Arc::clone(&w.service);
+        let (service, uptime) = (Arc::clone(&w.service), w.started.elapsed());
         let s = &mut self.services[si].slots[slot];
         s.restarts += 1;
         s.worker = None;
@@ -225,7 +228,13 @@ impl Supervisor {
             .inc();
         self.retire(id, reason);
         // A rollout's replacement already starting takes the slot when ready.
-        if !self.rollout.starting_for(&service, slot) {
+        if self.rollout.starting_for(&service, slot) {
+            return;
+        }
+        if uptime < HEALTHY_UPTIME {
+            let delay = self.restart_later(si, slot, uptime);
+            warn!(%service, worker = slot, %reason, ?uptime, restart_in = ?delay, "the replaced worker ran only briefly; its replacement waits the slot's backoff");
+        } else {
             self.start_or_backoff(si, slot);
         }
     }

@@ -364,11 +364,15 @@ impl Supervisor {
     fn command(&mut self, command: Command) {
         match command {
             Command::Reload { config, reply } => {
-                self.notifier.reloading();
+                // After STOPPING=1 systemd hears nothing more of reloads (which a stopping
+                // lb refuses anyway); before the first READY=1, the next publish with
+                // every service served sends it.
+                let running = self.phase == Phase::Running;
+                if running {
+                    self.notifier.reloading();
+                }
                 let result = self.reload(*config);
-                // Before the first READY=1, the next publish with every service served
-                // sends it.
-                if self.told_ready {
+                if running && self.told_ready {
                     self.notifier.ready();
                 }
                 command::answer(reply, result);

@@ -49,6 +49,7 @@ impl Supervisor {
         if config.admin != self.admin {
             warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
         }
+        crate::systemd::activation::warn_unused(&config);
         if config.admin_token_file != self.admin_token_file {
             warn!(%path, "admin.token_file changed: the admin API reads another file only when lb restarts");
         }
@@ -83,7 +84,8 @@ impl Supervisor {
             info!(%path, "reload: no change");
             return Ok("reload: no change".to_owned());
         }
-        info!(%path, changes = %summary.trim_end().replace('\n', "; "), "reload applied");
+        let changes: Vec<&str> = summary.lines().map(str::trim).collect();
+        info!(%path, changes = %changes.join("; "), "reload applied");
         Ok(format!("reload applied\n{}", summary.trim_end()))
     }
 

@@ -16,6 +16,14 @@ pub(super) struct Exported {
     services: HashSet<String>,
 }
 
+impl Exported {
+    /// Whether the series of this service's slot are exported (the slot still exists).
+    pub(super) fn has_slot(&self, service: &str, slot: &str) -> bool {
+        self.backends
+            .contains(&(service.to_owned(), slot.to_owned()))
+    }
+}
+
 impl Supervisor {
     pub(super) fn status(&self) -> Status {
         Status {

@@ -96,10 +96,11 @@ pub(super) fn sample(leaders: &[(WorkerId, Pid)]) -> Vec<(WorkerId, Sample)> {
             continue;
         };
         // A process that exits between the listing and the read is simply not counted.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        // Bytes, not a String: comm is cut at 15 bytes, maybe inside a UTF-8 character.
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        if let Some(process) = parse_stat(&stat)
+        if let Some(process) = parse_stat(&String::from_utf8_lossy(&stat))
             && let Some((pages, ticks)) = groups.get_mut(&process.group)
         {
             *pages += process.pages;
@@ -150,6 +151,11 @@ impl Supervisor {
     /// Samples every worker process lb runs, on a blocking thread; the answer comes back
     /// as [`Event::Sampled`], which sets the next sample.
     pub(super) fn sample_usage(&self) {
+        // Static backends only: nothing to read /proc for.
+        if self.workers.is_empty() {
+            self.after(SAMPLE_EVERY, Event::SampleTick);
+            return;
+        }
         let leaders: Vec<(WorkerId, Pid)> = self.workers.values().map(|w| (w.id, w.pid)).collect();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -171,18 +177,26 @@ impl Supervisor {
             };
             let limit = w.config.max_memory;
             let (added, above) = w.usage.record(sample, at, limit);
-            let labels = [&*w.service, &w.slot.to_string()];
-            self.metrics
-                .worker_cpu
-                .with_label_values(&labels)
-                .inc_by(added);
-            // Workers that are leaving are already on their way out.
+            let slot = w.slot.to_string();
+            // A draining worker of a removed slot or service would bring back the series
+            // that export_gauges removed, for good.
+            if self.exported.has_slot(&w.service, &slot) {
+                self.metrics
+                    .worker_cpu
+                    .with_label_values(&[&*w.service, &slot])
+                    .inc_by(added);
+            }
+            // Workers that are leaving are on their way out.
             if above && w.in_rotation() {
                 over.push((id, limit.unwrap_or_default()));
             }
         }
         if self.phase.keeps_workers() {
             for (id, limit) in over {
+                // A rollout's old worker in its last moments fills no slot: it is leaving.
+                if self.slot_of(id).is_none() {
+                    continue;
+                }
                 if let Some(w) = self.workers.get(&id) {
                     warn!(service = %w.service, worker = w.slot, pid = w.pid.as_raw(), memory_bytes = w.usage.memory_bytes, max_memory = limit, "worker stayed above max_memory; replacing it");
                 }
@@ -250,5 +264,40 @@ mod tests {
         assert_eq!(usage.record(big(1.0), at(7), None).0, 0.0);
         assert_eq!(usage.record(big(1.5), at(8), None).0, 0.5);
         assert_eq!(usage.cpu_seconds, 2.5);
+    }
+
+    #[test]
+    fn a_worker_whose_name_is_not_ascii_is_sampled() {
+        use std::os::unix::process::CommandExt as _;
+        // comm is cut at 15 bytes, here in the middle of an 'é': /proc/PID/stat is not UTF-8.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exe = dir.path().join("ééééééééé");
+        std::fs::copy("/bin/sleep", &exe).expect("copy sleep");
+        let mut child = std::process::Command::new(&exe)
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+        // Sampled once it runs the copy, not the forked test binary.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            != Some(&exe)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never ran {exe:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let samples = sample(&[(1, pid)]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            samples.first().is_some_and(|(_, s)| s.memory_bytes > 0),
+            "{samples:?}"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! instead of being refused.
 //!
 //! Descriptors are process-wide, so the passed sockets are too: adopted once at start,
-//! each taken at most once, by the first bind of its address (at start or on a reload).
+//! and a copy handed to every bind of their address (at start or on a reload), since
+//! systemd keeps the socket open whatever lb closes.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -18,12 +19,16 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{SockType, SockaddrStorage, getsockname, getsockopt, sockopt};
 use nix::sys::stat::fstat;
 use tokio::net::TcpListener;
+
+use crate::config::Config;
 use tracing::{info, warn};
 
 /// sd_listen_fds(3): the first passed descriptor.
 const FIRST: RawFd = 3;
 
-/// Passed sockets not taken yet, by the address they listen on.
+/// Passed sockets by the address they listen on. lb keeps its copy: systemd holds the
+/// socket anyway, so a listener that a reload closes (or a reload that fails after
+/// taking it) must be able to take it again.
 static PASSED: Mutex<Vec<(SocketAddr, OwnedFd)>> = Mutex::new(Vec::new());
 
 /// (device, inode) of every passed socket, taken or not: they outlive lb.
@@ -43,15 +48,16 @@ pub fn adopt() {
     );
     let mut passed = PASSED.lock().unwrap_or_else(PoisonError::into_inner);
     for raw in FIRST..FIRST.saturating_add(count) {
-        // A count larger than what was passed must not make lb own a descriptor that
-        // something else opens later.
-        // SAFETY: only asks whether the number is an open descriptor.
-        if fcntl(unsafe { BorrowedFd::borrow_raw(raw) }, FcntlArg::F_GETFD).is_err() {
+        // Passed descriptors are consecutive: the first one that is not open ends them,
+        // so a count larger than what was passed neither makes lb own a descriptor that
+        // something else opens later nor walks a huge range.
+        if std::fs::symlink_metadata(format!("/proc/self/fd/{raw}")).is_err() {
             warn!(
                 fd = raw,
-                "LISTEN_FDS names a descriptor that is not open; ignored"
+                count,
+                "LISTEN_FDS names more descriptors than are open; taking those before this one"
             );
-            continue;
+            break;
         }
         // SAFETY: sd_listen_fds(3) hands descriptors 3 … 3+LISTEN_FDS-1 to the process
         // LISTEN_PID names; this one is open, and nothing in lb has claimed it, since
@@ -73,13 +79,16 @@ pub fn adopt() {
     let _ = IDENTITIES.set(identities);
 }
 
-/// The passed socket listening on exactly `addr`, if there is one not yet taken, ready
-/// for the runtime (so called inside it).
+/// A copy of the passed socket listening on exactly `addr`, if there is one, ready for
+/// the runtime (so called inside it).
 pub fn take(addr: SocketAddr) -> Option<io::Result<TcpListener>> {
     let fd = {
-        let mut passed = PASSED.lock().unwrap_or_else(PoisonError::into_inner);
-        let i = passed.iter().position(|(a, _)| *a == addr)?;
-        passed.swap_remove(i).1
+        let passed = PASSED.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_, fd) = passed.iter().find(|(a, _)| *a == addr)?;
+        match fd.try_clone() {
+            Ok(fd) => fd,
+            Err(err) => return Some(Err(err)),
+        }
     };
     let listener = std::net::TcpListener::from(fd);
     Some(
@@ -89,10 +98,16 @@ pub fn take(addr: SocketAddr) -> Option<io::Result<TcpListener>> {
     )
 }
 
-/// Addresses of passed sockets that no listen address took.
-pub fn untaken() -> Vec<SocketAddr> {
+/// Warns about every passed socket that no listen address of `config` uses: systemd
+/// keeps it open, so clients still connect there and wait, unserved, in its queue.
+pub fn warn_unused(config: &Config) {
     let passed = PASSED.lock().unwrap_or_else(PoisonError::into_inner);
-    passed.iter().map(|(addr, _)| *addr).collect()
+    let used = |addr: &SocketAddr| {
+        config.admin == Some(*addr) || config.services.iter().any(|s| s.listen.contains(addr))
+    };
+    for (addr, _) in passed.iter().filter(|(addr, _)| !used(addr)) {
+        warn!(%addr, "a socket passed by systemd matches no listen address: clients connecting there wait unserved; remove it from the socket unit or listen on it");
+    }
 }
 
 /// Whether `socket` was passed by systemd, which keeps it open after lb closes its copy
