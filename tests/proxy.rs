@@ -165,13 +165,14 @@ services:
             hello(lb.listen).unwrap_or_else(|e| panic!("connection {i} failed: {e}\n{}", lb.log()));
         assert_eq!(line, "live");
     }
-    let down = lb.lines("backend refused a connection");
+    let down = lb.lines("a connect to the backend failed");
     assert_eq!(
         down.len(),
         1,
         "reported once, then out of rotation: {down:?}"
     );
     assert!(down[0].contains(&dead), "{down:?}");
+    assert_eq!(field(&down[0], "connect"), Some("refused"), "{down:?}");
 }
 
 /// lb in front of one static backend.
