@@ -65,7 +65,10 @@ use supervisor::Supervisor;
 pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut bound = HashMap::new();
     for svc in &config.services {
-        bound.insert(svc.name.clone(), proxy::bind(&svc.name, &svc.listen)?);
+        bound.insert(
+            svc.name.clone(),
+            proxy::bind(&svc.name, &svc.listen, config.threads.get())?,
+        );
     }
     let admin_listener = match config.admin {
         Some(addr) => Some(admin::bind(addr).await?),
@@ -74,7 +77,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let snapshots = Arc::new(Snapshots::default());
     let (down_tx, down_rx) = mpsc::unbounded_channel();
-    let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
+    let proxy = Proxy::new(Arc::clone(&snapshots), down_tx, config.threads)
+        .context("could not start the connection threads")?;
     let (mut supervisor, inbox) = Supervisor::new(
         config_path,
         &config,

@@ -52,8 +52,7 @@ pub(super) fn handle<'a>(
         };
         backend.metrics.connections_total.inc();
         // Small writes (a request line, a keystroke) go out at once, as on a direct
-        // connection.
-        let _ = client.set_nodelay(true);
+        // connection. The client has `TCP_NODELAY` from its listening socket already.
         let _ = upstream.set_nodelay(true);
         let transfer = copy::Transfer::new(client, upstream, &*pool);
         tokio::pin!(transfer);

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use super::Supervisor;
@@ -14,9 +13,9 @@ use super::stop::Phase;
 use crate::config::{
     self, BackendTarget, Config, ConfigErrors, ServiceChange, ServiceConfig, addresses_clash,
 };
-use crate::proxy;
+use crate::proxy::Listening;
 
-type Bound = Vec<(SocketAddr, TcpListener)>;
+type Bound = Vec<(SocketAddr, Listening)>;
 
 impl Supervisor {
     /// Applies the config file as it is now and says what changed. Changes nothing if
@@ -47,6 +46,9 @@ impl Supervisor {
         let path = self.config_path.display().to_string();
         if config.admin != self.admin {
             warn!(%path, "admin.listen changed: the admin API moves only when lb restarts");
+        }
+        if config.threads.get() != self.proxy.threads() {
+            warn!(%path, "threads changed: the number of connection threads changes only when lb restarts");
         }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
@@ -219,9 +221,8 @@ impl Supervisor {
             for &addr in addrs {
                 let listener = match self.released(diff, addr) {
                     Some(listener) => listener,
-                    None => {
-                        proxy::bind_one(addr).map_err(|err| self.bind_error(name, addr, &err))?
-                    }
+                    None => Listening::open(addr, self.proxy.threads())
+                        .map_err(|err| self.bind_error(name, addr, &err))?,
                 };
                 listeners.push((addr, listener));
             }
@@ -231,7 +232,7 @@ impl Supervisor {
     }
 
     /// The open socket on `addr`, if this reload takes it from the service holding it.
-    fn released(&self, diff: &config::Diff, addr: SocketAddr) -> Option<TcpListener> {
+    fn released(&self, diff: &config::Diff, addr: SocketAddr) -> Option<Listening> {
         let gives_up = |name: &str| {
             diff.removed.iter().any(|removed| removed == name)
                 || diff
