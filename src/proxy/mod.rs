@@ -7,6 +7,7 @@ mod copy;
 mod listener;
 mod listening;
 pub mod proxy_protocol;
+mod splice;
 mod threads;
 
 pub use listening::Listening;
