@@ -258,7 +258,9 @@ syscalls() {
       [ "$peer" = direct ] && continue
       local header=() tracer requests
       [ "$mode" = new-conn ] && header=(-H "Connection: close")
-      strace -c -f -p "${peer_pid[$peer]}" -o "$work/strace.txt" 2> /dev/null &
+      local traced=()
+      for p in "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true); do traced+=(-p "$p"); done
+      strace -c -f "${traced[@]}" -o "$work/strace.txt" 2> /dev/null &
       tracer=$!
       sleep 1
       wrk -t1 -c16 -d5s "${header[@]}" "http://127.0.0.1:${peer_port[$peer]}/" > "$work/out.txt" 2>&1 || true
