@@ -13,8 +13,9 @@
 //!   every change, swapped atomically;
 //! - [`balance`]: the strategy each snapshot's pool picks a backend with (round-robin,
 //!   least-conn, random-two, source-hash), and the Maglev table source-hash uses;
-//! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
-//!   and copy bytes to the backend they pick.
+//! - [`proxy`]: on each connection thread (`threads`), accept loops and connection tasks
+//!   that read the snapshot without locks and copy (or splice) bytes to the backend they
+//!   pick.
 //!
 //! Beside them: [`channel`] is the fd-3 message channel to each worker, [`admin`] the
 //! HTTP API (status, metrics, reload, restart, broadcast) and its client, [`metrics`] the
