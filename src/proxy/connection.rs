@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{Shared, copy, is_resource_exhaustion, proxy_protocol};
 use crate::config::ProxyProtocol;
-use crate::metrics::DroppedMetrics;
+use crate::metrics::{ByteCounter, DroppedMetrics};
 use crate::snapshot::{ActiveGuard, Backend, BackendId, Pool};
 
 /// Backends tried per connection: the first pick and up to two more.
@@ -273,11 +273,11 @@ impl copy::Service for Pool {
         self.relay.timeouts.idle
     }
 
-    fn to_backend(&self) -> &IntCounter {
+    fn to_backend(&self) -> &ByteCounter {
         &self.metrics.bytes_in
     }
 
-    fn to_client(&self) -> &IntCounter {
+    fn to_client(&self) -> &ByteCounter {
         &self.metrics.bytes_out
     }
 }

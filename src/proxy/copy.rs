@@ -20,7 +20,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 
 use super::splice::{self, Pipe};
-use prometheus::IntCounter;
+use crate::metrics::ByteCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -75,9 +75,9 @@ fn give_back(buf: Buffer) {
 pub(super) trait Service {
     fn idle(&self) -> Duration;
     /// Bytes from the client to the backend (`direction="in"`).
-    fn to_backend(&self) -> &IntCounter;
+    fn to_backend(&self) -> &ByteCounter;
     /// Bytes from the backend to the client (`direction="out"`).
-    fn to_client(&self) -> &IntCounter;
+    fn to_client(&self) -> &ByteCounter;
 }
 
 pin_project! {
@@ -211,7 +211,7 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: &mut TcpStream,
         writer: &mut TcpStream,
-        counter: &IntCounter,
+        counter: &ByteCounter,
         other_done: bool,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -283,8 +283,8 @@ impl Direction {
 
 /// Counts `n` bytes a writer took, in the metric and the direction's total: exact at
 /// every write, and activity.
-fn sent(n: usize, bytes: &mut u64, counter: &IntCounter, moved: &mut bool) {
-    counter.inc_by(n as u64);
+fn sent(n: usize, bytes: &mut u64, counter: &ByteCounter, moved: &mut bool) {
+    counter.add(n as u64);
     *bytes += n as u64;
     *moved = true;
 }
@@ -298,7 +298,7 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: &TcpStream,
         writer: &TcpStream,
-        counter: &IntCounter,
+        counter: &ByteCounter,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         loop {
@@ -351,20 +351,24 @@ mod tests {
 
     struct TestService {
         idle: Duration,
-        to_backend: IntCounter,
-        to_client: IntCounter,
+        to_backend: ByteCounter,
+        to_client: ByteCounter,
     }
 
     impl Service for TestService {
         fn idle(&self) -> Duration {
             self.idle
         }
-        fn to_backend(&self) -> &IntCounter {
+        fn to_backend(&self) -> &ByteCounter {
             &self.to_backend
         }
-        fn to_client(&self) -> &IntCounter {
+        fn to_client(&self) -> &ByteCounter {
             &self.to_client
         }
+    }
+
+    fn counter(name: &str) -> ByteCounter {
+        ByteCounter::new(prometheus::IntCounter::new(name, name).expect("counter"))
     }
 
     /// Kernel buffers of the test sockets.
@@ -432,8 +436,8 @@ mod tests {
         let (upstream_side, backend) = socket_pair(buffers).await;
         let service: &'static TestService = Box::leak(Box::new(TestService {
             idle,
-            to_backend: IntCounter::new("in", "in").expect("counter"),
-            to_client: IntCounter::new("out", "out").expect("counter"),
+            to_backend: counter("in"),
+            to_client: counter("out"),
         }));
         let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service));
         (client, backend, service, transfer)
