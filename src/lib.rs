@@ -13,8 +13,9 @@
 //!   every change, swapped atomically;
 //! - [`balance`]: the strategy each snapshot's pool picks a backend with (round-robin,
 //!   least-conn, random-two, source-hash), and the Maglev table source-hash uses;
-//! - [`proxy`]: accept loops and connection tasks that read the snapshot without locks
-//!   and copy bytes to the backend they pick.
+//! - [`proxy`]: on each connection thread (`threads`), accept loops and connection tasks
+//!   that read the snapshot without locks and copy (or splice) bytes to the backend they
+//!   pick.
 //!
 //! Beside them: [`channel`] is the fd-3 message channel to each worker, [`admin`] the
 //! HTTP API (status, metrics, reload, restart, broadcast) and its client, [`metrics`] the
@@ -66,7 +67,10 @@ use supervisor::Supervisor;
 pub async fn run(source: config::Source, config: Config) -> anyhow::Result<()> {
     let mut bound = HashMap::new();
     for svc in &config.services {
-        bound.insert(svc.name.clone(), proxy::bind(&svc.name, &svc.listen)?);
+        bound.insert(
+            svc.name.clone(),
+            proxy::bind(&svc.name, &svc.listen, config.threads.get())?,
+        );
     }
     let admin_listener = match config.admin {
         Some(addr) => Some(admin::bind(addr).await?),
@@ -75,7 +79,8 @@ pub async fn run(source: config::Source, config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let snapshots = Arc::new(Snapshots::default());
     let (down_tx, down_rx) = mpsc::unbounded_channel();
-    let proxy = Proxy::new(Arc::clone(&snapshots), down_tx);
+    let proxy = Proxy::new(Arc::clone(&snapshots), down_tx, config.threads)
+        .context("could not start the connection threads")?;
     let (mut supervisor, inbox) = Supervisor::new(
         source,
         &config,

@@ -141,7 +141,10 @@ fn run_until_stopped(cli: &Cli, source: &config::Source) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The supervisor and the admin API; connections run on threads of their own
+    // (`threads`), so one worker thread here is plenty.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {

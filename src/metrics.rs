@@ -2,6 +2,10 @@
 //! Label lookups happen when a backend or service is created, never per connection or
 //! per read: the connection path only increments handles resolved beforehand.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -29,6 +33,62 @@ pub struct Metrics {
     pub worker_memory: IntGaugeVec,
     /// CPU time of each worker slot's process groups, every process it has run.
     pub worker_cpu: CounterVec,
+    /// Each service's byte counters (in, out), brought into `bytes_total` on every
+    /// exposition; the lock also keeps two expositions from adding the same bytes twice.
+    bytes: Arc<Mutex<HashMap<String, [Arc<ByteCounter>; 2]>>>,
+}
+
+/// One series of `lb_bytes_total`, added to on every write by every connection thread.
+/// One shared atomic would move its cache line between cores on every write; instead
+/// each thread adds to a slot of its own, and reading sums the slots.
+#[derive(Debug)]
+pub struct ByteCounter {
+    slots: Box<[Slot]>,
+    exposed: IntCounter,
+}
+
+/// A cache line (two, against the adjacent-line prefetcher) holding one thread's count.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
+/// Slots per counter: threads beyond it share slots, which stays correct.
+const SLOTS: usize = 16;
+
+thread_local! {
+    /// This thread's slot, handed out in turn as threads first count.
+    static SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS
+    };
+}
+
+impl ByteCounter {
+    /// A counter whose total reaches `exposed` when published.
+    pub fn new(exposed: IntCounter) -> Self {
+        ByteCounter {
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            exposed,
+        }
+    }
+
+    pub fn add(&self, n: u64) {
+        let slot = SLOT.with(|slot| *slot);
+        self.slots[slot].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes counted so far.
+    pub fn get(&self) -> u64 {
+        self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Brings the exposed series up to the total; the caller serializes calls.
+    fn publish(&self) {
+        let (total, shown) = (self.get(), self.exposed.get());
+        if total > shown {
+            self.exposed.inc_by(total - shown);
+        }
+    }
 }
 
 /// The handles of one backend (`worker` is the slot id or the static address).
@@ -42,8 +102,8 @@ pub struct BackendMetrics {
 /// The handles of one service.
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
-    pub bytes_in: IntCounter,
-    pub bytes_out: IntCounter,
+    pub bytes_in: Arc<ByteCounter>,
+    pub bytes_out: Arc<ByteCounter>,
     pub connection_duration: prometheus::Histogram,
     pub messages_dropped: IntCounter,
     pub dropped: DroppedMetrics,
@@ -183,6 +243,7 @@ impl Default for Metrics {
                     &["service", "worker"],
                 ),
             ),
+            bytes: Arc::default(),
             registry: r,
         };
         let build = registered(
@@ -229,10 +290,22 @@ impl Metrics {
 
     /// The service's handles; also makes its series visible at 0 from the start.
     pub fn service(&self, service: &str) -> ServiceMetrics {
+        let [bytes_in, bytes_out] = self
+            .bytes
+            .lock()
+            .expect("no exposition panics while holding the lock")
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                ["in", "out"].map(|direction| {
+                    let exposed = self.bytes_total.with_label_values(&[service, direction]);
+                    Arc::new(ByteCounter::new(exposed))
+                })
+            })
+            .clone();
         ServiceMetrics {
             messages_dropped: self.messages_dropped_total.with_label_values(&[service]),
-            bytes_in: self.bytes_total.with_label_values(&[service, "in"]),
-            bytes_out: self.bytes_total.with_label_values(&[service, "out"]),
+            bytes_in,
+            bytes_out,
             connection_duration: self.connection_duration.with_label_values(&[service]),
             dropped: DroppedMetrics {
                 no_backend: self.dropped(service, "no_backend"),
@@ -258,6 +331,10 @@ impl Metrics {
 
     /// Drops the per-service series of a service that left the config.
     pub fn forget_service(&self, service: &str) {
+        self.bytes
+            .lock()
+            .expect("no exposition panics while holding the lock")
+            .remove(service);
         let _ = self.bytes_total.remove_label_values(&[service, "in"]);
         let _ = self.bytes_total.remove_label_values(&[service, "out"]);
         let _ = self.connection_duration.remove_label_values(&[service]);
@@ -271,9 +348,51 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let counters = self
+            .bytes
+            .lock()
+            .expect("no exposition panics while holding the lock");
+        for counter in counters.values().flatten() {
+            counter.publish();
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposed(metrics: &Metrics, direction: &str) -> u64 {
+        let series = format!("lb_bytes_total{{direction=\"{direction}\",service=\"web\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+            .expect("the series")
+    }
+
+    #[test]
+    fn bytes_added_on_many_threads_are_exposed_exactly_once() {
+        let metrics = Metrics::default();
+        let web = metrics.service("web");
+        std::thread::scope(|scope| {
+            for _ in 0..20 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        web.bytes_in.add(3);
+                    }
+                    web.bytes_out.add(1);
+                });
+            }
+        });
+        assert_eq!(exposed(&metrics, "in"), 60_000);
+        // A second exposition adds nothing, and a service's handles are shared.
+        assert_eq!(exposed(&metrics, "in"), 60_000);
+        metrics.service("web").bytes_out.add(5);
+        assert_eq!(exposed(&metrics, "out"), 25);
     }
 }

@@ -1,5 +1,5 @@
-//! An idle proxied connection costs lb little memory: no copy buffer stays with it once
-//! its bytes have been taken.
+//! An idle proxied connection costs lb little memory: no copy buffer or pipe stays with
+//! it once its bytes have been taken.
 
 mod common;
 
@@ -54,8 +54,16 @@ fn two_thousand_idle_connections_that_carried_64_kib_each_way_hold_no_buffers() 
     drop(exchange(&lb, &payload));
     let pid = lb.pid().as_raw();
     let before = resident_kib(pid);
+    let fds_before = lb.open_fds().len();
     let held: Vec<TcpStream> = (0..CONNECTIONS).map(|_| exchange(&lb, &payload)).collect();
     let after = resident_kib(pid);
+    // Two sockets per connection and nothing else: a direction that spliced gave its
+    // pipe back once it went quiet.
+    let fds = lb.open_fds().len() - fds_before;
+    assert!(
+        fds <= 2 * CONNECTIONS + 16,
+        "{fds} more descriptors for {CONNECTIONS} idle connections"
+    );
     let per_connection = after.saturating_sub(before) * 1024 / CONNECTIONS as u64;
     eprintln!("{per_connection} bytes per idle connection");
     assert!(

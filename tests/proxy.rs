@@ -319,3 +319,102 @@ services:
     std::io::BufRead::read_line(&mut reader, &mut line).expect("second hello after the first left");
     assert!(line.starts_with("id=0"), "{line}");
 }
+
+/// Writes `data` in pieces of up to `piece` bytes, pausing now and then (a slow writer),
+/// then half-closes.
+fn send_slowly(mut stream: std::net::TcpStream, data: &[u8], piece: usize) {
+    for (i, chunk) in data.chunks(piece).enumerate() {
+        stream.write_all(chunk).expect("send");
+        if i % 16 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stream.shutdown(Shutdown::Write).expect("half-close");
+}
+
+/// Reads to EOF in small pieces, pausing now and then (a slow reader).
+fn receive_slowly(mut stream: std::net::TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut piece = [0u8; 3000];
+    for i in 0.. {
+        let n = stream.read(&mut piece).expect("receive");
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&piece[..n]);
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    received
+}
+
+/// Bytes each way for the connection that starts with `seed`: up to 3 MiB, so that some
+/// directions stream (and splice) and some do not.
+fn sizes(seed: u64) -> (usize, usize) {
+    let r = random_bytes(8, seed);
+    let up = usize::from(u16::from_le_bytes([r[0], r[1]])) * 48;
+    let down = usize::from(u16::from_le_bytes([r[2], r[3]])) * 48;
+    (up, down)
+}
+
+#[test]
+fn random_sizes_both_ways_with_slow_peers_arrive_byte_exact_and_counted_exactly() {
+    use std::sync::{Arc, Mutex};
+    // The backend learns the seed from the first 8 bytes, then sends its own payload and
+    // reads the client's at once, both slowly, and records what it received.
+    /// What each backend connection received, by the seed it started with.
+    type Received = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+    let received: Received = Arc::default();
+    let record = Arc::clone(&received);
+    let backend = backend(move |mut stream| {
+        let mut seed = [0u8; 8];
+        stream.read_exact(&mut seed).expect("seed");
+        let seed = u64::from_le_bytes(seed);
+        let down = random_bytes(sizes(seed).1, seed ^ 0xd0);
+        let writer = stream.try_clone().expect("clone");
+        let sender = std::thread::spawn(move || send_slowly(writer, &down, 7000));
+        let got = receive_slowly(stream);
+        sender.join().expect("backend sender");
+        record.lock().expect("record").push((seed, got));
+    });
+    let lb = Lb::start(&format!(
+        "threads: 2\nservices:\n  - name: edge\n    listen: {{listen}}\n    backends: ['{backend}']\n"
+    ));
+    lb.wait_log("listening");
+    let seeds: Vec<u64> = (1..=8).collect();
+    let clients: Vec<_> = seeds
+        .iter()
+        .map(|&seed| {
+            let listen = lb.listen;
+            std::thread::spawn(move || {
+                let stream = connect(listen);
+                let mut up = seed.to_le_bytes().to_vec();
+                up.extend(random_bytes(sizes(seed).0, seed ^ 0x5));
+                let writer = stream.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || send_slowly(writer, &up, 5000));
+                let got = receive_slowly(stream);
+                sender.join().expect("client sender");
+                let want = random_bytes(sizes(seed).1, seed ^ 0xd0);
+                assert!(got == want, "seed {seed}: backend to client differs");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client");
+    }
+    // A backend may still be reading the end of its client's bytes.
+    common::wait_until("every backend to read to EOF", DEADLINE, || {
+        received.lock().expect("received").len() == seeds.len()
+    });
+    let received = received.lock().expect("received");
+    for (seed, got) in received.iter() {
+        let want = random_bytes(sizes(*seed).0, seed ^ 0x5);
+        assert!(got == &want, "seed {seed}: client to backend differs");
+    }
+    let up: usize = seeds.iter().map(|&s| 8 + sizes(s).0).sum();
+    let down: usize = seeds.iter().map(|&s| sizes(s).1).sum();
+    let counted = |direction| lb.metric("lb_bytes_total", &[("direction", direction)]);
+    assert_eq!(counted("in"), up as f64);
+    assert_eq!(counted("out"), down as f64);
+}

@@ -1,42 +1,56 @@
 #!/usr/bin/env bash
-# Throughput of lb beside HAProxy (mode tcp) and nginx (stream), and a direct connection,
-# on the same two nginx HTTP backends, under wrk. Prints a Markdown table of requests/s,
-# p99 latency and the ratio to the direct connection.
-#
-# Then resident memory per idle proxied connection: each proxy, freshly started, carries
-# IDLE_COUNTS connections (default 5000 and 9900) to an echo backend, each with 64 KiB
-# each way, and holds them idle; the growth of its resident memory (VmRSS, all of its
-# processes) since before the connections, divided by their count. RUNS rounds (default
-# 3), the proxies interleaved within each; prints every measurement, then medians and
-# ratios. 10,000 connections need more than 20,000 descriptors in the proxy; raise
-# `ulimit -n` (or IDLE_COUNTS) where the hard limit allows.
+# lb beside HAProxy (mode tcp), nginx (stream) and a direct connection, on the same nginx
+# HTTP backends; prints every row of issue 10's table as medians and ratios.
 #
 #   cargo build --release && benches/throughput/run.sh
-#   PARTS=memory benches/throughput/run.sh      # only one of: throughput, memory
+#   PARTS=memory benches/throughput/run.sh     # any of: throughput memory syscalls
+#   LB_BASELINE=/path/to/older/lb benches/throughput/run.sh   # adds a column (before/after)
 #
-# Needs wrk, haproxy, nginx-light, libnginx-mod-stream (Debian packages) and python3. Each peer
-# is set up as its own documentation recommends for plain TCP balancing: HAProxy with
-# `mode tcp`, `balance roundrobin` and one thread per core (its default); nginx with
-# `worker_processes auto` and a `stream` upstream; lb with its defaults. Two runs per
-# peer: keep-alive (the copy path) and a new connection per request (accept + connect).
-# LB_BASELINE=/path/to/another/lb adds a column for a second lb build (before/after).
+# throughput: RUNS rounds (default 3); in each, every workload runs against every peer in
+# turn (interleaved, so a slow moment of the shared machine hits every peer alike):
+#   keep-alive    wrk -t2 -cCONNECTIONS (64), a 128-byte page, DURATION s (default 8)
+#   new-conn      the same with `Connection: close`: a new connection per request
+#   ab            ab -c CONNECTIONS: a new connection per request, one client thread
+#   bulk          wrk -t1 -c1 fetching a 64 MiB file over one keep-alive connection
+# Each run reads the proxy's CPU time (user + system, /proc/PID/stat, all of its threads
+# and processes) before and after: proxy CPU per request, and per GB for bulk. p99 is
+# wrk's (ab's for ab). Failed requests (socket errors, non-2xx) are printed; they should
+# be 0.
+#
+# memory: resident memory per idle proxied connection. Each proxy, freshly started,
+# carries IDLE_COUNTS connections (default 5000 and 9900) to an echo backend, each with
+# 64 KiB each way, and holds them idle; the growth of its resident memory (VmRSS, all of
+# its processes) since before the connections, divided by their count. 10,000 connections
+# need more than 20,000 descriptors in the proxy; raise `ulimit -n` (or IDLE_COUNTS) where
+# the hard limit allows.
+#
+# syscalls: system calls per request, `strace -c -f` on each proxy during wrk -t1 -c16
+# -d5s, keep-alive and new connection (strace slows the proxy: counts, not speed).
+#
+# Needs wrk, ab (apache2-utils), haproxy, nginx-light, libnginx-mod-stream (Debian
+# packages), python3, and strace for the syscalls part. Each peer is tuned as its own
+# documentation recommends for plain TCP balancing on this machine: HAProxy with `mode
+# tcp`, one thread per CPU (its default; HAPROXY_THREADS to change) and `option
+# splice-auto`; nginx with `worker_processes auto` and a `stream` upstream; lb with its
+# defaults (`threads: auto`).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 lb="$repo/target/release/lb"
-duration="${DURATION:-10}"
+duration="${DURATION:-8}"
 connections="${CONNECTIONS:-64}"
 base="${PORT:-18600}"
 parts="${PARTS:-throughput memory}"
 idle_counts="${IDLE_COUNTS:-5000 9900}"
 runs="${RUNS:-3}"
+haproxy_threads="${HAPROXY_THREADS:-$(nproc)}"
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-for tool in wrk haproxy nginx python3; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install wrk haproxy nginx-light libnginx-mod-stream)" >&2; exit 1; }
+for tool in wrk ab haproxy nginx python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install wrk apache2-utils haproxy nginx-light libnginx-mod-stream)" >&2; exit 1; }
 done
 [ -x "$lb" ] || { echo "build lb first: cargo build --release" >&2; exit 1; }
 stream_module=$(ls /usr/lib/nginx/modules/ngx_stream_module.so 2>/dev/null || true)
@@ -44,14 +58,32 @@ stream_module=$(ls /usr/lib/nginx/modules/ngx_stream_module.so 2>/dev/null || tr
 
 b1=$base; b2=$((base + 1)); p_lb=$((base + 2)); p_haproxy=$((base + 3)); p_nginx=$((base + 4)); p_base=$((base + 5)); admin=$((base + 6))
 
-# Requests/s and p99 under wrk, every peer started once.
-throughput() {
-# The backends: one nginx serving a 128-byte body on two ports. Its workers run as an
-# unprivileged user, so they must be able to enter the (mktemp, 0700) work folder.
-chmod 755 "$work"
-mkdir -p "$work/backend"
-head -c 128 /dev/zero | tr '\0' 'x' > "$work/backend/index.html"
-cat > "$work/backend.conf" <<CONF
+# CPU time (user + system) of a process and its children, in clock ticks.
+cpu_ticks() { # $1 pid
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+
+# wrk's latency (850.00us, 1.25ms, 2.05s) in ms.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
+# wrk's amount read (8.75GB) in bytes.
+to_bytes() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /KB$/) n *= 1024; else if (v ~ /MB$/) n *= 1048576; else if (v ~ /GB$/) n *= 1073741824; else if (v ~ /TB$/) n *= 1099511627776; printf "%.0f", n }'; }
+
+# Starts the backends and every peer: their pids in peer_pid, ports in peer_port.
+declare -A peer_pid peer_port
+start_peers() {
+  # The backends: one nginx serving a 128-byte page and a 64 MiB file on two ports. Its
+  # workers run as an unprivileged user, so they must be able to enter the (mktemp,
+  # 0700) work folder.
+  chmod 755 "$work"
+  mkdir -p "$work/backend"
+  head -c 128 /dev/zero | tr '\0' 'x' > "$work/backend/index.html"
+  head -c 64M /dev/zero > "$work/backend/big"
+  chmod -R a+rX "$work/backend"
+  cat > "$work/backend.conf" <<CONF
 worker_processes 1;
 pid $work/backend.pid;
 error_log $work/backend.err;
@@ -59,16 +91,20 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
+  sendfile on;
   server { listen 127.0.0.1:$b1 reuseport; listen 127.0.0.1:$b2 reuseport; root $work/backend; }
 }
 CONF
-nginx -c "$work/backend.conf" -g "daemon off;" & pids+=($!)
+  nginx -c "$work/backend.conf" -g "daemon off;" & pids+=($!)
 
-cat > "$work/haproxy.cfg" <<CONF
+  # maxconn: what 20,000 descriptors allow with splice's pipes (a quarter of maxconn).
+  cat > "$work/haproxy.cfg" <<CONF
 global
-  maxconn 8000
+  maxconn 4000
+  nbthread $haproxy_threads
 defaults
   mode tcp
+  option splice-auto
   timeout connect 2s
   timeout client 1h
   timeout server 1h
@@ -80,9 +116,9 @@ backend be
   server b1 127.0.0.1:$b1
   server b2 127.0.0.1:$b2
 CONF
-haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+  haproxy -f "$work/haproxy.cfg" -db & peer_pid[haproxy]=$!; pids+=($!)
 
-cat > "$work/nginx-stream.conf" <<CONF
+  cat > "$work/nginx-stream.conf" <<CONF
 load_module $stream_module;
 worker_processes auto;
 pid $work/stream.pid;
@@ -93,60 +129,151 @@ stream {
   server { listen 127.0.0.1:$p_nginx reuseport; proxy_pass be; proxy_connect_timeout 2s; }
 }
 CONF
-nginx -c "$work/nginx-stream.conf" -g "daemon off;" & pids+=($!)
+  nginx -c "$work/nginx-stream.conf" -g "daemon off;" & peer_pid[nginx-stream]=$!; pids+=($!)
 
-lb_config() { # $1 listen port, $2 admin line
-  cat <<CONF
+  lb_config() { # $1 listen port, $2 admin line
+    cat <<CONF
 $2
 services:
   - name: bench
     listen: 127.0.0.1:$1
     backends: ["127.0.0.1:$b1", "127.0.0.1:$b2"]
 CONF
-}
-lb_config "$p_lb" "admin: { listen: 127.0.0.1:$admin }" > "$work/lb.yaml"
-"$lb" --config "$work/lb.yaml" 2> "$work/lb.log" & pids+=($!)
-peers=("direct:$b1" "lb:$p_lb" "haproxy:$p_haproxy" "nginx-stream:$p_nginx")
-if [ -n "${LB_BASELINE:-}" ]; then
-  # No admin section: a baseline from before the admin API would refuse one.
-  lb_config "$p_base" "" > "$work/lb-base.yaml"
-  "$LB_BASELINE" --config "$work/lb-base.yaml" 2> "$work/lb-base.log" & pids+=($!)
-  peers+=("lb-baseline:$p_base")
-fi
-
-for peer in "${peers[@]}"; do
-  port=${peer#*:}
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
-done
-
-# requests/s and p99 from one wrk run
-measure() { # $1 port, $2 "close" for a new connection per request
-  local header=()
-  [ "$2" = close ] && header=(-H "Connection: close")
-  wrk -t2 -c"$connections" -d"${duration}s" --latency "${header[@]}" "http://127.0.0.1:$1/" > "$work/wrk.txt" 2>&1 || true
-  local rps p99 errors
-  rps=$(awk '/Requests\/sec/ {printf "%d", $2}' "$work/wrk.txt")
-  p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
-  errors=$(awk -F'[ ,]+' '/Socket errors/ {n += $5+$7+$9+$11} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/wrk.txt")
-  echo "${rps:-0} ${p99:-?} ${errors:-0}"
-}
-
-echo "| load | peer | requests/s | vs direct | p99 latency | failed requests |"
-echo "| --- | --- | --- | --- | --- | --- |"
-for mode in keep-alive new-connection; do
-  args=""; [ "$mode" = new-connection ] && args="close"
-  direct=0
+  }
+  lb_config "$p_lb" "admin: { listen: 127.0.0.1:$admin }" > "$work/lb.yaml"
+  "$lb" --config "$work/lb.yaml" 2> "$work/lb.log" & peer_pid[lb]=$!; pids+=($!)
+  peer_port=([direct]=$b1 [lb]=$p_lb [haproxy]=$p_haproxy [nginx-stream]=$p_nginx)
+  peers=(direct lb haproxy nginx-stream)
+  if [ -n "${LB_BASELINE:-}" ]; then
+    # No admin section: a baseline from before the admin API would refuse one.
+    lb_config "$p_base" "" > "$work/lb-base.yaml"
+    "$LB_BASELINE" --config "$work/lb-base.yaml" 2> "$work/lb-base.log" & peer_pid[lb-baseline]=$!; pids+=($!)
+    peer_port[lb-baseline]=$p_base
+    peers+=(lb-baseline)
+  fi
   for peer in "${peers[@]}"; do
-    name=${peer%%:*}; port=${peer#*:}
-    read -r rps p99 errors < <(measure "$port" "$args")
-    [ "$name" = direct ] && direct=$rps
-    ratio=$(awk -v a="$rps" -v b="$direct" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-    echo "| $mode | $name | $rps | $ratio | $p99 | $errors |"
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:${peer_port[$peer]}/" >/dev/null 2>&1 && break; sleep 0.1; done
   done
-done
-# The memory part starts its own proxies, fresh for each measurement.
-for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-pids=()
+}
+
+stop_peers() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+
+# One run of one workload against one peer; prints "rate p99 cpu failed": requests/s,
+# p99 in ms and µs of proxy CPU per request, or for bulk Gbit/s, "-" and proxy CPU
+# seconds per GB. "-" for the CPU of a direct connection (no proxy).
+measure() { # $1 workload, $2 peer
+  local port=${peer_port[$2]} pid=${peer_pid[$2]:-} before=0 after=0 hz
+  hz=$(getconf CLK_TCK)
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  case "$1" in
+    keep-alive) wrk -t2 -c"$connections" -d"${duration}s" --latency "http://127.0.0.1:$port/" > "$work/out.txt" 2>&1 || true ;;
+    new-conn) wrk -t2 -c"$connections" -d"${duration}s" --latency -H "Connection: close" "http://127.0.0.1:$port/" > "$work/out.txt" 2>&1 || true ;;
+    ab) ab -q -c "$connections" -t "$duration" -n 10000000 "http://127.0.0.1:$port/" > "$work/out.txt" 2>&1 || true ;;
+    bulk) wrk -t1 -c1 -d"${duration}s" "http://127.0.0.1:$port/big" > "$work/out.txt" 2>&1 || true ;;
+  esac
+  [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+  local ticks=$((after - before)) rate p99 units failed
+  if [ "$1" = ab ]; then
+    rate=$(awk '/^Requests per second/ {printf "%d", $4}' "$work/out.txt")
+    p99=$(awk '$1 == "99%" {printf "%.2f", $2}' "$work/out.txt")
+    units=$(awk '/^Complete requests/ {print $3}' "$work/out.txt")
+    failed=$(awk '/^Failed requests/ {n += $3} /^Non-2xx/ {n += $3} END {print n + 0}' "$work/out.txt")
+  else
+    rate=$(awk '/Requests\/sec/ {printf "%d", $2}' "$work/out.txt")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/out.txt")")
+    units=$(awk '/requests in/ {print $1}' "$work/out.txt")
+    failed=$(awk -F'[ ,]+' '/Socket errors/ {n += $5+$7+$9+$11} /Non-2xx/ {n += $NF} END {print n + 0}' "$work/out.txt")
+  fi
+  if [ "$1" = bulk ]; then
+    local bytes; bytes=$(to_bytes "$(awk '/requests in/ {print $5}' "$work/out.txt")")
+    awk -v b="${bytes:-0}" -v d="$duration" -v t="$ticks" -v hz="$hz" -v f="$failed" -v proxy="$pid" \
+      'BEGIN { printf "%.2f - %s %s\n", b * 8 / d / 1e9, (proxy != "" && b > 0) ? sprintf("%.3f", t / hz / (b / 1e9)) : "-", f }'
+  else
+    awk -v r="${rate:-0}" -v p="${p99:--}" -v t="$ticks" -v hz="$hz" -v n="${units:-0}" -v f="$failed" -v proxy="$pid" \
+      'BEGIN { printf "%s %s %s %s\n", r, p, (proxy != "" && n > 0) ? sprintf("%.2f", t / hz * 1e6 / n) : "-", f }'
+  fi
+}
+
+throughput() {
+  start_peers
+  echo "| run | workload | peer | requests/s (bulk: Gbit/s) | p99 ms | proxy µs CPU per request (bulk: s per GB) | failed |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  for run in $(seq "$runs"); do
+    for workload in keep-alive new-conn ab bulk; do
+      for peer in "${peers[@]}"; do
+        read -r rate p99 cpu failed < <(measure "$workload" "$peer")
+        echo "| $run | $workload | $peer | $rate | $p99 | $cpu | $failed |"
+        echo "$workload $peer $rate $p99 $cpu" >> "$work/throughput.txt"
+      done
+    done
+  done
+  stop_peers
+}
+
+# The median of one column (3 rate, 4 p99, 5 cpu) of a workload's runs against a peer.
+median_of() { # $1 workload, $2 peer, $3 column
+  awk -v w="$1" -v p="$2" -v c="$3" '$1 == w && $2 == p && $c != "-" {print $c}' "$work/throughput.txt" |
+    sort -g | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]; else print "-"}'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+summary_row() { # $1 label, $2 workload, $3 column, $4 "direct" for the ratio to direct
+  local l h n d="-" extra=""
+  l=$(median_of "$2" lb "$3"); h=$(median_of "$2" haproxy "$3"); n=$(median_of "$2" nginx-stream "$3")
+  [ "$4" = direct ] && d=$(median_of "$2" direct "$3")
+  [ -n "${LB_BASELINE:-}" ] && extra=" $(median_of "$2" lb-baseline "$3") |"
+  echo "| $1 | $d | $l | $h | $n | $(ratio "$l" "$h") | $(ratio "$l" "$d") |$extra"
+}
+
+throughput_summary() {
+  local extra="" rule=""
+  [ -n "${LB_BASELINE:-}" ] && extra=" lb-baseline |" && rule=" --- |"
+  echo
+  echo "| workload (medians of $runs runs) | direct | lb | HAProxy | nginx stream | lb ÷ HAProxy | lb ÷ direct |$extra"
+  echo "| --- | --- | --- | --- | --- | --- | --- |$rule"
+  summary_row "keep-alive tiny responses, requests/s" keep-alive 3 direct
+  summary_row "keep-alive, p99 ms" keep-alive 4 direct
+  summary_row "keep-alive, proxy µs CPU per request" keep-alive 5 -
+  summary_row "new connection per request, requests/s (wrk)" new-conn 3 direct
+  summary_row "new connection per request, requests/s (ab)" ab 3 direct
+  summary_row "new connection, p99 ms (wrk)" new-conn 4 direct
+  summary_row "new connection, proxy µs CPU per request (wrk)" new-conn 5 -
+  summary_row "one bulk stream, Gbit/s" bulk 3 direct
+  summary_row "bulk, proxy CPU s per GB" bulk 5 -
+}
+
+# System calls per request of each proxy, from strace -c.
+syscalls() {
+  command -v strace >/dev/null || { echo "needs strace" >&2; exit 1; }
+  start_peers
+  echo
+  echo "| load | peer | system calls per request |"
+  echo "| --- | --- | --- |"
+  for mode in keep-alive new-conn; do
+    for peer in "${peers[@]}"; do
+      [ "$peer" = direct ] && continue
+      local header=() tracer requests
+      [ "$mode" = new-conn ] && header=(-H "Connection: close")
+      local traced=()
+      for p in "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true); do traced+=(-p "$p"); done
+      strace -c -f "${traced[@]}" -o "$work/strace.txt" 2> /dev/null &
+      tracer=$!
+      sleep 1
+      wrk -t1 -c16 -d5s "${header[@]}" "http://127.0.0.1:${peer_port[$peer]}/" > "$work/out.txt" 2>&1 || true
+      kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true
+      requests=$(awk '/requests in/ {print $1}' "$work/out.txt")
+      # strace -c's table: % time, seconds, usecs/call, calls, [errors,] syscall.
+      awk '/^-/ || /syscall/ || /total/ || NF < 5 {next} {print $NF, $4}' "$work/strace.txt" |
+        sort -k2 -gr | awk -v r="$requests" -v m="$mode" -v p="$peer" '
+          {t += $2; if ($2 / r >= 0.01) line = line sprintf(" `%s` %.2f,", $1, $2 / r)}
+          END {sub(/,$/, "", line); printf "| %s | %s | %.2f:%s |\n", m, p, t / r, line}'
+    done
+  done
+  stop_peers
 }
 
 # Resident memory of a process and its children, in kB.
@@ -268,3 +395,5 @@ memory() {
 
 case " $parts " in *" throughput "*) throughput ;; esac
 case " $parts " in *" memory "*) memory ;; esac
+case " $parts " in *" throughput "*) throughput_summary ;; esac
+case " $parts " in *" syscalls "*) syscalls ;; esac

@@ -37,6 +37,8 @@ pub const STATIC_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Config {
     /// After SIGTERM, how long lb keeps accepting while `/healthz` answers 503.
     pub shutdown_delay: Duration,
+    /// Threads that carry connections (`threads`, `auto` resolved to the CPUs available).
+    pub threads: NonZeroUsize,
     /// DNS servers for host names in `backends`; empty: the system's.
     pub resolvers: Vec<SocketAddr>,
     /// The admin API's address; None when `admin.listen: null` turns it off.
@@ -297,6 +299,7 @@ impl Config {
             }
             (None, _) => out.push_str("admin API: off\n"),
         }
+        let _ = writeln!(out, "connection threads: {}", self.threads);
         for svc in &self.services {
             let listen: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
             let _ = writeln!(

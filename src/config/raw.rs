@@ -9,7 +9,7 @@ use serde_saphyr::{Location, Spanned};
 use super::types::{
     AdminListen, BackendSpec, Balance, ByteSize, CheckCount, CommandSpec, ConnectionLimit,
     DurationStr, Flag, HttpPath, ListenAddrs, PositiveDuration, ProxyProtocol, ReadyCheck,
-    Resolver, ScalarText, ServiceName, SignalName, WorkerCount,
+    Resolver, ScalarText, ServiceName, SignalName, ThreadCount, WorkerCount,
 };
 
 #[derive(Debug, Deserialize)]
@@ -17,6 +17,8 @@ use super::types::{
 pub(super) struct RawConfig {
     #[serde(default)]
     pub shutdown_delay: Option<DurationStr>,
+    #[serde(default)]
+    pub threads: Option<ThreadCount>,
     #[serde(default)]
     pub resolvers: Option<Vec<Resolver>>,
     #[serde(default)]

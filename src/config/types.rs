@@ -117,7 +117,8 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// `workers.count`: a positive integer, or `auto` for the number of available CPUs.
+/// `workers.count` and `threads`: a positive integer, or `auto` for the number of
+/// available CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerCount {
     Auto,
@@ -125,11 +126,29 @@ pub enum WorkerCount {
 }
 
 impl WorkerCount {
-    /// The number of workers to run on this machine.
+    /// The number to run on this machine.
     pub fn resolve(self) -> NonZeroUsize {
         match self {
             WorkerCount::Fixed(n) => n,
             WorkerCount::Auto => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+
+    /// `auto`, or a positive integer up to `max` (`noun`: what is counted, for the error).
+    fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+        max: usize,
+        noun: &str,
+    ) -> Result<Self, D::Error> {
+        const WHAT: &str = "a positive integer or \"auto\"";
+        let text = ScalarText::deserialize(d)?;
+        if text.0 == "auto" {
+            return Ok(WorkerCount::Auto);
+        }
+        match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
+            Some(n) if n.get() <= max => Ok(WorkerCount::Fixed(n)),
+            Some(_) => Err(invalid(&format!("at most {max} {noun}"), text.0)),
+            None => Err(invalid(WHAT, shown(&text.0))),
         }
     }
 }
@@ -139,16 +158,21 @@ const MAX_WORKERS: usize = 1024;
 
 impl<'de> Deserialize<'de> for WorkerCount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const WHAT: &str = "a positive integer or \"auto\"";
-        let text = ScalarText::deserialize(d)?;
-        if text.0 == "auto" {
-            return Ok(WorkerCount::Auto);
-        }
-        match text.0.parse::<usize>().ok().and_then(NonZeroUsize::new) {
-            Some(n) if n.get() <= MAX_WORKERS => Ok(WorkerCount::Fixed(n)),
-            Some(_) => Err(invalid(&format!("at most {MAX_WORKERS} workers"), text.0)),
-            None => Err(invalid(WHAT, shown(&text.0))),
-        }
+        WorkerCount::deserialize(d, MAX_WORKERS, "workers")
+    }
+}
+
+/// `threads`: how many threads carry connections, each with its own event loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadCount(pub WorkerCount);
+
+/// The most connection threads: more than CPUs on any machine lb runs on; past the CPU
+/// count threads only take turns.
+const MAX_THREADS: usize = 1024;
+
+impl<'de> Deserialize<'de> for ThreadCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WorkerCount::deserialize(d, MAX_THREADS, "threads").map(ThreadCount)
     }
 }
 
@@ -826,6 +850,12 @@ mod tests {
         let err = parse::<WorkerCount>("-2").unwrap_err();
         assert_eq!(err, "expected a positive integer or \"auto\", found -2");
         assert!(parse::<WorkerCount>("0").is_err());
+        assert_eq!(
+            parse::<ThreadCount>("auto").unwrap().0.resolve(),
+            std::thread::available_parallelism().unwrap()
+        );
+        let err = parse::<ThreadCount>("2000").unwrap_err();
+        assert_eq!(err, "expected at most 1024 threads, found 2000");
     }
 
     #[test]

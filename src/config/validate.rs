@@ -11,7 +11,7 @@ use serde_path_to_error::Segment;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 
 use super::raw::{RawAdmin, RawBackoff, RawConfig, RawHealthCheck, RawService, RawWorkers};
-use super::types::{Balance, ListenAddrs, ScalarText, addresses_clash};
+use super::types::{Balance, ListenAddrs, ScalarText, WorkerCount, addresses_clash};
 use super::{
     BackoffPolicy, Config, ConfigError, ConfigErrors, HealthCheck, ServiceConfig, Timeouts,
     WorkersConfig,
@@ -144,6 +144,7 @@ pub(super) fn build(raw: RawConfig, file: &str, base: &Path) -> Result<Config, C
     if errors.is_empty() {
         Ok(Config {
             shutdown_delay: raw.shutdown_delay.map_or(Duration::ZERO, |d| d.0),
+            threads: raw.threads.map_or(WorkerCount::Auto, |t| t.0).resolve(),
             resolvers: raw
                 .resolvers
                 .unwrap_or_default()
@@ -309,10 +310,7 @@ fn workers(raw: RawWorkers, i: usize, base: &Path, at: &At) -> Result<WorkersCon
     let env = env(raw.env, i, at)?;
     Ok(WorkersConfig {
         command: raw.command,
-        count: raw
-            .count
-            .map_or(super::types::WorkerCount::Auto, |c| c)
-            .resolve(),
+        count: raw.count.map_or(WorkerCount::Auto, |c| c).resolve(),
         cwd,
         env,
         ready_timeout: raw.ready_timeout.map_or(DEFAULT_READY_TIMEOUT, |d| d.0),

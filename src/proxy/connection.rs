@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::{Shared, copy, exhaustion, is_resource_exhaustion, proxy_protocol};
 use crate::config::ProxyProtocol;
-use crate::metrics::DroppedMetrics;
+use crate::metrics::{ByteCounter, DroppedMetrics};
 use crate::snapshot::{ActiveGuard, Backend, BackendId, ConnectFailure, Pool};
 
 /// Backends tried per connection: the first pick and up to two more.
@@ -52,8 +52,7 @@ pub(super) fn handle<'a>(
         };
         backend.metrics.connections_total.inc();
         // Small writes (a request line, a keystroke) go out at once, as on a direct
-        // connection.
-        let _ = client.set_nodelay(true);
+        // connection. The client has `TCP_NODELAY` from its listening socket already.
         let _ = upstream.set_nodelay(true);
         let transfer = copy::Transfer::new(client, upstream, &*pool);
         tokio::pin!(transfer);
@@ -275,11 +274,11 @@ impl copy::Service for Pool {
         self.relay.timeouts.idle
     }
 
-    fn to_backend(&self) -> &IntCounter {
+    fn to_backend(&self) -> &ByteCounter {
         &self.metrics.bytes_in
     }
 
-    fn to_client(&self) -> &IntCounter {
+    fn to_client(&self) -> &ByteCounter {
         &self.metrics.bytes_out
     }
 }

@@ -5,6 +5,10 @@
 //! once; when the peer takes everything, the buffer goes straight back to the pool. Only
 //! bytes a peer has not taken yet keep a buffer on the connection, until they drain. An
 //! idle connection therefore costs its task and its two sockets, not two buffers.
+//!
+//! A direction that streams (three full reads in a row, HAProxy's `splice-auto` rule)
+//! moves its bytes with splice(2) through a pooled pipe from then on, without copying
+//! them through lb (see [`super::splice`]).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -14,7 +18,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use prometheus::IntCounter;
+
+use super::splice::{self, Pipe};
+use crate::metrics::ByteCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -28,6 +34,11 @@ const _: () = assert!(CHUNK <= u16::MAX as usize);
 /// poll, so a few cover every connection a thread serves; more would only be memory kept
 /// after a burst of slow peers.
 const POOL_CAP: usize = 8;
+
+/// Full reads in a row after which a direction moves its bytes with splice(2): a
+/// direction that fills the buffer this often is streaming, and a request or a reply that
+/// fits in a few reads is not worth a pipe.
+const SPLICE_AFTER: u8 = 3;
 
 /// A thin pointer, so a direction that holds nothing costs 8 bytes.
 type Buffer = Box<[u8; CHUNK]>;
@@ -64,9 +75,9 @@ fn give_back(buf: Buffer) {
 pub(super) trait Service {
     fn idle(&self) -> Duration;
     /// Bytes from the client to the backend (`direction="in"`).
-    fn to_backend(&self) -> &IntCounter;
+    fn to_backend(&self) -> &ByteCounter;
     /// Bytes from the backend to the client (`direction="out"`).
-    fn to_client(&self) -> &IntCounter;
+    fn to_client(&self) -> &ByteCounter;
 }
 
 pin_project! {
@@ -166,9 +177,15 @@ impl<S: Service> Future for Transfer<'_, S> {
 struct Direction {
     /// Holds `held[start..end]` for the writer; `None` while nothing is pending.
     held: Option<Buffer>,
+    /// Holds `in_pipe` bytes for the writer while splicing; `None` while nothing is
+    /// pending.
+    pipe: Option<Pipe>,
+    in_pipe: u32,
     start: u16,
     end: u16,
     flow: Flow,
+    /// Full reads in a row; at [`SPLICE_AFTER`] the direction splices.
+    streak: u8,
     /// Bytes written so far, for the connection's log line.
     bytes: u64,
 }
@@ -194,7 +211,7 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: &mut TcpStream,
         writer: &mut TcpStream,
-        counter: &IntCounter,
+        counter: &ByteCounter,
         other_done: bool,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -224,13 +241,15 @@ impl Direction {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
                     self.start += u16::try_from(written).expect("at most CHUNK bytes");
-                    counter.inc_by(written as u64);
-                    self.bytes += written as u64;
-                    *moved = true;
+                    sent(written, &mut self.bytes, counter, moved);
                 }
                 if let Some(buf) = self.held.take() {
                     give_back(buf);
                 }
+            }
+            if self.streak >= SPLICE_AFTER {
+                ready!(self.poll_splice(cx, reader, writer, counter, moved))?;
+                continue;
             }
             // tokio's `poll_read` clears the socket's readiness after a short read, so the
             // next poll waits for epoll instead of trying a read that would block.
@@ -243,6 +262,7 @@ impl Direction {
                     *moved = true;
                     self.held = Some(buf);
                     (self.start, self.end) = (0, u16::try_from(n).expect("at most CHUNK bytes"));
+                    self.streak = if n == CHUNK { self.streak + 1 } else { 0 };
                 }
                 Poll::Ready(Ok(())) => {
                     give_back(buf);
@@ -261,6 +281,65 @@ impl Direction {
     }
 }
 
+/// Counts `n` bytes a writer took, in the metric and the direction's total: exact at
+/// every write, and activity.
+fn sent(n: usize, bytes: &mut u64, counter: &ByteCounter, moved: &mut bool) {
+    counter.add(n as u64);
+    *bytes += n as u64;
+    *moved = true;
+}
+
+impl Direction {
+    /// Moves bytes with splice(2) until the reader or the writer would block; `Ready(Ok)`
+    /// once the reader is at EOF (the flow is then `Closing`), or when no pipe can be had
+    /// (the direction copies again). The pipe stays only while it holds bytes.
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &TcpStream,
+        writer: &TcpStream,
+        counter: &ByteCounter,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(pipe) = &self.pipe {
+                while self.in_pipe > 0 {
+                    let pending = self.in_pipe as usize;
+                    let n = ready!(splice::poll_drain(cx, pipe, writer, pending))?;
+                    self.in_pipe -= u32::try_from(n).expect("at most what the pipe held");
+                    sent(n, &mut self.bytes, counter, moved);
+                }
+            }
+            // Out of descriptors for a pipe: copy, which needs none.
+            let Ok(pipe) = self.pipe.take().map_or_else(splice::take, Ok) else {
+                self.streak = 0;
+                return Poll::Ready(Ok(()));
+            };
+            // The pipe is empty here: it goes back to the pool unless it now holds bytes.
+            match splice::poll_fill(cx, reader, &pipe) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    *moved = true;
+                    self.in_pipe = u32::try_from(n).expect("at most a pipe's capacity");
+                    self.pipe = Some(pipe);
+                }
+                Poll::Ready(Ok(_)) => {
+                    splice::give_back(pipe);
+                    self.flow = Flow::Closing;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(err)) => {
+                    splice::give_back(pipe);
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Pending => {
+                    splice::give_back(pipe);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -272,45 +351,58 @@ mod tests {
 
     struct TestService {
         idle: Duration,
-        to_backend: IntCounter,
-        to_client: IntCounter,
+        to_backend: ByteCounter,
+        to_client: ByteCounter,
     }
 
     impl Service for TestService {
         fn idle(&self) -> Duration {
             self.idle
         }
-        fn to_backend(&self) -> &IntCounter {
+        fn to_backend(&self) -> &ByteCounter {
             &self.to_backend
         }
-        fn to_client(&self) -> &IntCounter {
+        fn to_client(&self) -> &ByteCounter {
             &self.to_client
         }
     }
 
-    /// Two connected loopback sockets with small kernel buffers, so a slow reader soon
-    /// leaves the transfer holding bytes its peer has not taken.
-    async fn socket_pair() -> (TcpStream, TcpStream) {
+    fn counter(name: &str) -> ByteCounter {
+        ByteCounter::new(prometheus::IntCounter::new(name, name).expect("counter"))
+    }
+
+    /// Kernel buffers of the test sockets.
+    #[derive(Clone, Copy)]
+    enum Buffers {
+        /// Small, so a slow reader soon leaves the transfer holding bytes its peer has not
+        /// taken; reads seldom fill a copy buffer, so the transfer copies.
+        Small,
+        /// The system's, so a stream fills every read and the transfer splices.
+        Default,
+    }
+
+    fn socket(buffers: Buffers) -> TcpSocket {
         const KERNEL_BUFFER: u32 = 4096;
-        let listening = TcpSocket::new_v4().expect("socket");
-        listening
-            .set_recv_buffer_size(KERNEL_BUFFER)
-            .expect("SO_RCVBUF");
-        listening
-            .set_send_buffer_size(KERNEL_BUFFER)
-            .expect("SO_SNDBUF");
+        let socket = TcpSocket::new_v4().expect("socket");
+        if let Buffers::Small = buffers {
+            socket
+                .set_recv_buffer_size(KERNEL_BUFFER)
+                .expect("SO_RCVBUF");
+            socket
+                .set_send_buffer_size(KERNEL_BUFFER)
+                .expect("SO_SNDBUF");
+        }
+        socket
+    }
+
+    /// Two connected loopback sockets.
+    async fn socket_pair(buffers: Buffers) -> (TcpStream, TcpStream) {
+        let listening = socket(buffers);
         listening
             .bind("127.0.0.1:0".parse().expect("address"))
             .expect("bind");
         let listener = listening.listen(16).expect("listen");
-        let connecting = TcpSocket::new_v4().expect("socket");
-        connecting
-            .set_recv_buffer_size(KERNEL_BUFFER)
-            .expect("SO_RCVBUF");
-        connecting
-            .set_send_buffer_size(KERNEL_BUFFER)
-            .expect("SO_SNDBUF");
-        let near = connecting
+        let near = socket(buffers)
             .connect(listener.local_addr().expect("address"))
             .await
             .expect("connect");
@@ -328,12 +420,24 @@ mod tests {
         &'static TestService,
         tokio::task::JoinHandle<io::Result<()>>,
     ) {
-        let (client, client_side) = socket_pair().await;
-        let (upstream_side, backend) = socket_pair().await;
+        proxied_with(idle, Buffers::Small).await
+    }
+
+    async fn proxied_with(
+        idle: Duration,
+        buffers: Buffers,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        &'static TestService,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let (client, client_side) = socket_pair(buffers).await;
+        let (upstream_side, backend) = socket_pair(buffers).await;
         let service: &'static TestService = Box::leak(Box::new(TestService {
             idle,
-            to_backend: IntCounter::new("in", "in").expect("counter"),
-            to_client: IntCounter::new("out", "out").expect("counter"),
+            to_backend: counter("in"),
+            to_client: counter("out"),
         }));
         let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service));
         (client, backend, service, transfer)
@@ -393,10 +497,12 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn random_sizes_arrive_byte_exact_both_ways_with_slow_readers_and_writers() {
-        for seed in 1..=4u64 {
-            let (client, backend, service, transfer) = proxied(Duration::from_secs(30)).await;
+    /// Random sizes each way, slow writers and slow readers, checked byte for byte and
+    /// counted exactly.
+    async fn random_transfers(seeds: std::ops::RangeInclusive<u64>, buffers: Buffers) {
+        for seed in seeds {
+            let (client, backend, service, transfer) =
+                proxied_with(Duration::from_secs(30), buffers).await;
             let mut random = Random(seed);
             let (up_len, down_len) = (random.below(3 << 20), random.below(3 << 20));
             let up = random.bytes(up_len);
@@ -415,6 +521,57 @@ mod tests {
             assert_eq!(service.to_backend.get(), up.len() as u64, "seed {seed}");
             assert_eq!(service.to_client.get(), down.len() as u64, "seed {seed}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_sizes_arrive_byte_exact_both_ways_with_slow_readers_and_writers() {
+        random_transfers(1..=4, Buffers::Small).await;
+    }
+
+    /// One thread, so the pipes the transfer used come back to the pool the test reads.
+    #[tokio::test(flavor = "current_thread")]
+    async fn streaming_directions_splice_byte_exact_with_slow_readers_and_writers() {
+        random_transfers(5..=8, Buffers::Default).await;
+        assert!(splice::pooled() > 0, "no direction spliced");
+    }
+
+    /// Streams until the transfer surely splices (the system's buffers fill every read).
+    async fn stream_a_while(client: &mut TcpStream, backend: &mut TcpStream) {
+        let chunk = vec![7u8; 256 * 1024];
+        for _ in 0..8 {
+            let mut back = vec![0u8; chunk.len()];
+            let (sent, received) =
+                tokio::join!(client.write_all(&chunk), backend.read_exact(&mut back));
+            sent.expect("send");
+            received.expect("passed on");
+            assert!(back == chunk);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_reset_while_splicing_reaches_the_backend_as_a_reset() {
+        let (mut client, mut backend, service, transfer) =
+            proxied_with(Duration::from_secs(30), Buffers::Default).await;
+        stream_a_while(&mut client, &mut backend).await;
+        assert_eq!(service.to_backend.get(), 8 * 256 * 1024);
+        reset(client);
+        let err = backend
+            .read(&mut [0u8; 16])
+            .await
+            .expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(transfer.await.expect("task").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_splicing_connection_still_ends_after_the_idle_timeout() {
+        let idle = Duration::from_millis(300);
+        let (mut client, mut backend, _, transfer) = proxied_with(idle, Buffers::Default).await;
+        stream_a_while(&mut client, &mut backend).await;
+        let quiet = Instant::now();
+        let err = transfer.await.expect("task").expect_err("idle timeout");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(quiet.elapsed() >= idle - Duration::from_millis(50));
     }
 
     #[tokio::test]

@@ -1,7 +1,10 @@
-//! The accept loop: a permit first (so past `max_connections` clients wait in the
-//! kernel's backlog), then accept, then a connection task on the tracker. When lb stops,
-//! the loop stops taking new clients but still accepts the ones the kernel already
-//! queued, so that no client whose handshake completed is reset when the socket closes.
+//! The accept loop of one listen address on one connection thread: accept, then a
+//! permit, then a connection task on the tracker. Past `max_connections` a loop holds the
+//! one client it accepted until a permit frees and accepts no other, so the rest wait in
+//! the kernel's backlog. (A permit taken before the accept would sit with an idle loop
+//! while a client waits in another thread's queue.) When lb stops, the loop stops taking
+//! new clients but still accepts the ones the kernel already queued, so that no client
+//! whose handshake completed is reset when the socket closes.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +27,6 @@ pub(super) struct Accept {
     pub service: Arc<str>,
     /// Where connections arrive; they go to the service that owns it in the snapshot.
     pub addr: SocketAddr,
-    pub listener: TcpListener,
     pub limit: Arc<Semaphore>,
     /// Cancelled when a reload closes this address or hands it over: stop at once.
     pub stop: CancellationToken,
@@ -59,26 +61,37 @@ impl Finish {
 /// Pause after running out of file descriptors or memory, instead of spinning on accept.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
-pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
+/// Accepts on `listener` (registered here, with the event loop of the thread this runs
+/// on) until a reload closes the address or lb stops.
+pub(super) async fn accept_loop(proxy: Proxy, accept: Accept, listener: std::net::TcpListener) {
+    // A socket from a service manager may come blocking; tokio needs it non-blocking.
+    let registered = listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener));
+    let listener = match registered {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!(service = %accept.service, addr = %accept.addr, %err, "could not accept on this thread");
+            return;
+        }
+    };
     // The connections this loop accepted that have no backend yet.
     let connecting = TaskTracker::new();
     let mut starved = false;
     let held = loop {
-        let permit = tokio::select! {
-            permit = accept.limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = accept.stop.cancelled() => return,
             () = accept.finish.started() => break None,
         };
-        let accepted = tokio::select! {
-            accepted = accept.listener.accept() => accepted,
-            () = accept.stop.cancelled() => return,
-            () = accept.finish.started() => break Some(permit),
-        };
         match accepted {
-            Ok((client, peer)) => {
+            Ok(client) => {
                 starved = false;
+                let Some(permit) = permit(&proxy, &accept).await else {
+                    break Some(client);
+                };
                 let this = (&accept.service, accept.addr, &connecting);
-                spawn(&proxy, this, (client, peer), permit);
+                spawn(&proxy, this, client, permit);
             }
             Err(err) if is_resource_exhaustion(&err) => {
                 if !starved {
@@ -95,11 +108,28 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept) {
             Err(err) => debug!(service = %accept.service, %err, "accept failed"),
         }
     };
-    accept_queued(&proxy, accept, held, &connecting).await;
+    if let Ok(listener) = listener.into_std() {
+        accept_queued(&proxy, accept, listener, held, &connecting).await;
+    }
     // The loop has ended only once every client it took has reached a backend: the
     // workers leave rotation after that.
     connecting.close();
     connecting.wait().await;
+}
+
+/// A permit for a client just accepted: at once below `max_connections`, else once a
+/// connection ends. A reload that closes the address does not drop the client: it is
+/// served when its turn comes. `None` when lb stops meanwhile: the client is served with
+/// the queued ones.
+async fn permit(proxy: &Proxy, accept: &Accept) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = Arc::clone(&accept.limit).try_acquire_owned() {
+        return Some(permit);
+    }
+    tokio::select! {
+        permit = Arc::clone(&accept.limit).acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+        () = accept.finish.started() => None,
+        () = proxy.connections.cancelled() => None,
+    }
 }
 
 fn spawn(
@@ -126,25 +156,22 @@ fn spawn(
 /// Accepting directly from the socket, not through the runtime's readiness, sees the
 /// queue as it is: "would block" means it is empty. Waiting for permits gives up at the
 /// service's drain deadline, or when the proxy's connections are cancelled (a second
-/// signal).
+/// signal). `held`: a client the loop accepted and has no permit for yet; it goes first.
 async fn accept_queued(
     proxy: &Proxy,
     accept: Accept,
-    mut held: Option<OwnedSemaphorePermit>,
+    listener: std::net::TcpListener,
+    mut held: Option<(TcpStream, SocketAddr)>,
     connecting: &TaskTracker,
 ) {
     let Accept {
         service,
         addr,
-        listener,
         limit,
         finish,
         ..
     } = accept;
     let until = finish.until();
-    let Ok(listener) = listener.into_std() else {
-        return;
-    };
     // A socket systemd passed stays open after lb closes its copy, and the next lb
     // takes its queue: its backlog stays whole.
     if !crate::systemd::activation::is_passed(listener.as_fd())
@@ -154,30 +181,29 @@ async fn accept_queued(
     }
     let give_up = proxy.connections.clone();
     loop {
-        let permit = match held.take() {
-            Some(permit) => permit,
-            None => tokio::select! {
-                permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                () = give_up.cancelled() => return,
-                () = tokio::time::sleep_until(until) => return,
-            },
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = give_up.cancelled() => return,
+            () = tokio::time::sleep_until(until) => return,
         };
-        let accepted = listener.accept().and_then(|(client, peer)| {
-            client.set_nonblocking(true)?;
-            Ok((TcpStream::from_std(client)?, peer))
-        });
+        let accepted = match held.take() {
+            Some(client) => Ok(client),
+            None => listener.accept().and_then(|(client, peer)| {
+                client.set_nonblocking(true)?;
+                Ok((TcpStream::from_std(client)?, peer))
+            }),
+        };
         match accepted {
             Ok(client) => spawn(proxy, (&service, addr, connecting), client, permit),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) if is_resource_exhaustion(&err) => {
-                held = Some(permit);
+                drop(permit);
                 tokio::select! {
                     () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
                     () = give_up.cancelled() => return,
                 }
             }
             Err(err) => {
-                held = Some(permit);
                 debug!(service = %service, %err, "accept failed");
                 // accept(2): errors of one pending connection (aborted, protocol or
                 // network errors) call for the next accept; only a broken socket ends it.

@@ -1,15 +1,21 @@
-//! The data path: one accept loop per listen address, one task per connection, bytes
-//! copied untouched to a backend picked from the current [`Snapshot`](crate::snapshot).
+//! The data path: on each connection thread, one accept loop per listen address and one
+//! task per connection, bytes copied untouched to a backend picked from the current
+//! [`Snapshot`](crate::snapshot).
 
 mod connection;
 mod copy;
 mod exhaustion;
 mod listener;
+mod listening;
 pub mod proxy_protocol;
+mod splice;
+mod threads;
+
+pub use listening::Listening;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -39,6 +45,8 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Proxy {
     /// What connection tasks need; one reference count per connection, no lock.
     shared: Arc<Shared>,
+    /// The connection threads' event loops: each address has an accept loop on each.
+    threads: threads::Threads,
     /// Cancelled to close every proxied connection (drain deadline, or a second signal);
     /// each backend has a child token that closes only its own connections.
     pub connections: CancellationToken,
@@ -55,34 +63,54 @@ struct Shared {
 }
 
 impl Proxy {
+    /// Starts `threads` connection threads.
     pub fn new(
         snapshots: Arc<Snapshots>,
         down: mpsc::UnboundedSender<(BackendId, ConnectFailure)>,
-    ) -> Self {
-        Proxy {
+        threads: NonZeroUsize,
+    ) -> std::io::Result<Self> {
+        Ok(Proxy {
             shared: Arc::new(Shared { snapshots, down }),
+            threads: threads::Threads::start(threads)?,
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
-        }
+        })
+    }
+
+    /// How many threads carry connections.
+    pub fn threads(&self) -> usize {
+        self.threads.handles().len()
     }
 }
 
-/// Binds `addrs`, all or none, so an address in use fails a start before anything runs.
-pub fn bind(service: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<(SocketAddr, TcpListener)>> {
+/// Binds `addrs` for `threads` connection threads, all or none, so an address in use
+/// fails a start before anything runs.
+pub fn bind(
+    service: &str,
+    addrs: &[SocketAddr],
+    threads: usize,
+) -> anyhow::Result<Vec<(SocketAddr, Listening)>> {
     addrs
         .iter()
         .map(|addr| {
-            let listener = bind_one(*addr)
+            let listening = Listening::open(*addr, threads)
                 .with_context(|| format!("service {service}: could not listen on {addr}"))?;
-            Ok((*addr, listener))
+            Ok((*addr, listening))
         })
         .collect()
 }
 
-/// Binds one listen address, or takes the socket systemd passed for it.
+/// Binds one listen address (the first socket of its [`Listening`]), or takes the socket
+/// systemd passed for it.
 pub fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     if let Some(passed) = crate::systemd::activation::take(addr) {
         return passed;
+    }
+    // The connection threads' sockets share the address through SO_REUSEPORT, which
+    // would also let another lb (or a wider address) join them without an error; a plain
+    // bind first proves the address free. A port the kernel picks is free anyway.
+    if addr.port() != 0 {
+        drop(listening::bound(addr, false)?);
     }
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -91,12 +119,13 @@ pub fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     // Lets a restarted lb bind while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
 
 /// The listeners of one service: its connection limit, shared by all of its addresses,
-/// and one accept loop per address.
+/// and one accept loop per address and connection thread.
 #[derive(Debug)]
 pub struct ServiceListeners {
     service: Arc<str>,
@@ -111,12 +140,13 @@ struct AcceptLoop {
     stop: CancellationToken,
     /// Started to stop taking new clients but serve those already queued (lb's stop).
     finish: listener::Finish,
-    task: JoinHandle<()>,
-    /// A second descriptor of the listening socket, so a reload can hand the address to
+    /// One per connection thread.
+    tasks: Vec<JoinHandle<()>>,
+    /// Second descriptors of the listening sockets, so a reload can hand the address to
     /// another service; `None` if the process was out of descriptors when it started.
-    socket: Option<OwnedFd>,
-    /// The address the socket is bound to: the configured one, with the port the kernel
-    /// chose for port 0.
+    sockets: Option<Listening>,
+    /// The address the sockets are bound to: the configured one, with the port the
+    /// kernel chose for port 0.
     bound: SocketAddr,
 }
 
@@ -130,25 +160,32 @@ impl ServiceListeners {
         }
     }
 
-    /// Starts accepting on a bound listener; returns the address it is bound to.
-    pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listener: TcpListener) -> SocketAddr {
+    /// Starts accepting on bound sockets, each on its own connection thread; returns the
+    /// address they are bound to.
+    pub fn serve(&mut self, proxy: &Proxy, addr: SocketAddr, listening: Listening) -> SocketAddr {
         let (stop, finish) = (CancellationToken::new(), listener::Finish::default());
-        let socket = listener.as_fd().try_clone_to_owned().ok();
-        let bound = listener.local_addr().unwrap_or(addr);
-        let accept = listener::Accept {
-            service: Arc::clone(&self.service),
-            addr,
-            listener,
-            limit: Arc::clone(&self.limit),
-            stop: stop.clone(),
-            finish: finish.clone(),
-        };
-        let task = tokio::spawn(listener::accept_loop(proxy.clone(), accept));
+        let sockets = listening.share().ok();
+        let bound = listening.local_addr().unwrap_or(addr);
+        let tasks = listening
+            .into_sockets()
+            .into_iter()
+            .zip(proxy.threads.handles())
+            .map(|(listener, thread)| {
+                let accept = listener::Accept {
+                    service: Arc::clone(&self.service),
+                    addr,
+                    limit: Arc::clone(&self.limit),
+                    stop: stop.clone(),
+                    finish: finish.clone(),
+                };
+                thread.spawn(listener::accept_loop(proxy.clone(), accept, listener))
+            })
+            .collect();
         let accept_loop = AcceptLoop {
             stop,
             finish,
-            task,
-            socket,
+            tasks,
+            sockets,
             bound,
         };
         self.loops.insert(addr, accept_loop);
@@ -160,13 +197,12 @@ impl ServiceListeners {
         self.loops.get(addr).map(|l| l.bound)
     }
 
-    /// Another handle on the socket listening on `addr`, for a reload that gives the
-    /// address to another service. Binding it anew would fail while this one listens,
-    /// and closing this one first would refuse clients in between; the shared socket
-    /// keeps its backlog and never closes.
-    pub fn share(&self, addr: &SocketAddr) -> Option<TcpListener> {
-        let fd = self.loops.get(addr)?.socket.as_ref()?.try_clone().ok()?;
-        TcpListener::from_std(std::net::TcpListener::from(fd)).ok()
+    /// Other handles on the sockets listening on `addr`, for a reload that gives the
+    /// address to another service. Binding it anew would fail while these listen, and
+    /// closing them first would refuse clients in between; the shared sockets keep their
+    /// backlogs and never close.
+    pub fn share(&self, addr: &SocketAddr) -> Option<Listening> {
+        self.loops.get(addr)?.sockets.as_ref()?.share().ok()
     }
 
     /// Stops accepting on `addr`; connections already accepted carry on.
@@ -189,9 +225,9 @@ impl ServiceListeners {
     pub fn close_gracefully(&mut self, until: Instant) -> Vec<JoinHandle<()>> {
         self.loops
             .drain()
-            .map(|(_, accept_loop)| {
+            .flat_map(|(_, accept_loop)| {
                 accept_loop.finish.start(until);
-                accept_loop.task
+                accept_loop.tasks
             })
             .collect()
     }

@@ -46,7 +46,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::unistd::Pid;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
@@ -59,7 +58,7 @@ pub use watchdog::serve as serve_watchdog;
 
 use crate::config::{Config, Source};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Listening, Proxy};
 use crate::snapshot::{BackendId, ConnectFailure, Snapshot, Snapshots};
 use crate::systemd::Notifier;
 use life::{Worker, WorkerId};
@@ -157,7 +156,7 @@ enum Event {
 }
 
 /// Listeners bound before the supervisor starts, by service name.
-pub type BoundListeners = HashMap<String, Vec<(SocketAddr, TcpListener)>>;
+pub type BoundListeners = HashMap<String, Vec<(SocketAddr, Listening)>>;
 
 pub struct Supervisor {
     /// Where the config is read again on reload.

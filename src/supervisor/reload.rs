@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use super::Supervisor;
@@ -15,9 +14,9 @@ use super::stop::Phase;
 use crate::config::{
     self, BackendTarget, Config, ConfigErrors, ServiceChange, ServiceConfig, addresses_clash,
 };
-use crate::proxy;
+use crate::proxy::Listening;
 
-type Bound = Vec<(SocketAddr, TcpListener)>;
+type Bound = Vec<(SocketAddr, Listening)>;
 
 impl Supervisor {
     /// Applies the config file as it is now and says what changed. Changes nothing if
@@ -52,6 +51,9 @@ impl Supervisor {
         crate::systemd::activation::warn_unused(&config);
         if config.admin_token_file != self.admin_token_file {
             warn!(%path, "admin.token_file changed: the admin API reads another file only when lb restarts");
+        }
+        if config.threads.get() != self.proxy.threads() {
+            warn!(%path, "threads changed: the number of connection threads changes only when lb restarts");
         }
         let old: Vec<ServiceConfig> = self.services.iter().map(|s| s.config.clone()).collect();
         let diff = config::diff(&old, &config.services);
@@ -225,9 +227,8 @@ impl Supervisor {
             for &addr in addrs {
                 let listener = match self.released(diff, addr) {
                     Some(listener) => listener,
-                    None => {
-                        proxy::bind_one(addr).map_err(|err| self.bind_error(name, addr, &err))?
-                    }
+                    None => Listening::open(addr, self.proxy.threads())
+                        .map_err(|err| self.bind_error(name, addr, &err))?,
                 };
                 listeners.push((addr, listener));
             }
@@ -237,7 +238,7 @@ impl Supervisor {
     }
 
     /// The open socket on `addr`, if this reload takes it from the service holding it.
-    fn released(&self, diff: &config::Diff, addr: SocketAddr) -> Option<TcpListener> {
+    fn released(&self, diff: &config::Diff, addr: SocketAddr) -> Option<Listening> {
         let gives_up = |name: &str| {
             diff.removed.iter().any(|removed| removed == name)
                 || diff
