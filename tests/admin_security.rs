@@ -73,19 +73,10 @@ impl Secured {
 /// returns the status code and the whole response (head and body).
 fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let mut stream = common::connect(addr);
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: lb\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).expect("send request");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, response)
+    common::http_exchange(addr, &head, b"")
 }
 
 fn text(out: &Output) -> String {

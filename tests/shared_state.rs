@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,22 +88,9 @@ fn start_example() -> Lb {
 /// `GET /` over HTTP/1.0 (one connection each, so round-robin spreads them); returns
 /// the status code and the body.
 fn get(addr: SocketAddr) -> (u16, String) {
-    let mut stream = common::connect(addr);
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: shared-state\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_owned())
-        .unwrap_or_default();
-    (code, body)
+    let (code, response) =
+        common::http_exchange(addr, "GET / HTTP/1.0\r\nHost: shared-state\r\n\r\n", b"");
+    (code, common::response_body(&response).trim().to_owned())
 }
 
 /// `visits=N worker=ID` → `(N, ID)`.

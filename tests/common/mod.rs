@@ -369,13 +369,21 @@ fn expand(config: &str, listen: SocketAddr, admin: SocketAddr) -> String {
     }
 }
 
-/// A minimal HTTP/1.1 request, so tests see exactly what lb answers on the wire.
+/// A minimal HTTP/1.1 request, so tests see exactly what lb answers on the wire; returns
+/// the status code and the body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut stream = connect(addr);
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    let (code, response) = http_exchange(addr, &head, body);
+    (code, response_body(&response).to_owned())
+}
+
+/// Sends `head` and `body` on a fresh connection and reads until the server closes;
+/// returns the status code (0 if none came) and the whole response.
+pub fn http_exchange(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = connect(addr);
     stream
         .write_all(head.as_bytes())
         .expect("send request head");
@@ -388,11 +396,12 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, St
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    (code, response)
+}
+
+/// What follows the head of an HTTP response.
+pub fn response_body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
 impl Drop for Lb {
