@@ -329,19 +329,11 @@ fn a_passed_socket_can_be_taken_again_after_a_failed_reload() {
     let both = base
         .clone()
         .service(Service::backends("api", &[lb.listen]).listen(format!("[{passed}, {}]", busy.0)));
-    lb.rewrite_config(&both.yaml());
-    let out = lb.cli(&["reload"]);
+    let out = reload_to(&lb, &both);
     assert!(!out.status.success(), "{out:?}");
     // The same service on the passed address alone must now work.
     let one = base.service(Service::backends("api", &[lb.listen]).listen(passed));
-    lb.rewrite_config(&one.yaml());
-    let out = lb.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_reloaded(&reload_to(&lb, &one));
 }
 
 #[test]
@@ -354,11 +346,17 @@ fn a_passed_socket_can_be_taken_again_after_a_reload_released_it() {
         .service(Service::backends("api", &[passed]).listen(passed));
     let lb = start_with_socket(&with_api.yaml(), &socket);
     lb.wait_ready(1);
-    lb.rewrite_config(&base.yaml());
-    let out = lb.cli(&["reload"]);
-    assert!(out.status.success(), "{out:?}");
-    lb.rewrite_config(&with_api.yaml());
-    let out = lb.cli(&["reload"]);
+    assert_reloaded(&reload_to(&lb, &base));
+    assert_reloaded(&reload_to(&lb, &with_api));
+}
+
+/// Writes `config` over lb's file and runs `lb reload`.
+fn reload_to(lb: &Lb, config: &Config) -> std::process::Output {
+    lb.rewrite_config(&config.yaml());
+    lb.cli(&["reload"])
+}
+
+fn assert_reloaded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}{}",
