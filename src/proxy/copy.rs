@@ -555,12 +555,7 @@ mod tests {
         stream_a_while(&mut client, &mut backend).await;
         assert_eq!(service.to_backend.get(), 8 * 256 * 1024);
         reset(client);
-        let err = backend
-            .read(&mut [0u8; 16])
-            .await
-            .expect_err("a reset, not EOF");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(transfer.await.expect("task").is_err());
+        a_reset_reaches(backend, transfer).await;
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -618,6 +613,20 @@ mod tests {
         stream.set_zero_linger().expect("SO_LINGER 0");
     }
 
+    /// After a reset on one side: `peer` reads a reset, not an EOF, and the transfer
+    /// ends with an error.
+    async fn a_reset_reaches(
+        mut peer: TcpStream,
+        transfer: tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let err = peer
+            .read(&mut [0u8; 16])
+            .await
+            .expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(transfer.await.expect("task").is_err());
+    }
+
     #[tokio::test]
     async fn a_client_reset_reaches_the_backend_as_a_reset() {
         let (mut client, mut backend, _, transfer) = proxied(Duration::from_secs(30)).await;
@@ -625,12 +634,7 @@ mod tests {
         let mut hello = [0u8; 5];
         backend.read_exact(&mut hello).await.expect("hello");
         reset(client);
-        let err = backend
-            .read(&mut [0u8; 16])
-            .await
-            .expect_err("a reset, not EOF");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(transfer.await.expect("task").is_err());
+        a_reset_reaches(backend, transfer).await;
     }
 
     #[tokio::test]
@@ -640,12 +644,7 @@ mod tests {
         let mut partial = [0u8; 7];
         client.read_exact(&mut partial).await.expect("partial");
         reset(backend);
-        let err = client
-            .read(&mut [0u8; 16])
-            .await
-            .expect_err("a reset, not EOF");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(transfer.await.expect("task").is_err());
+        a_reset_reaches(client, transfer).await;
     }
 
     #[tokio::test]
