@@ -58,14 +58,18 @@ stream_module=$(ls /usr/lib/nginx/modules/ngx_stream_module.so 2>/dev/null || tr
 
 b1=$base; b2=$((base + 1)); p_lb=$((base + 2)); p_haproxy=$((base + 3)); p_nginx=$((base + 4)); p_base=$((base + 5)); admin=$((base + 6))
 
-# CPU time (user + system) of a process and its children, in clock ticks.
-cpu_ticks() { # $1 pid
+# The sum, over a process and its children, of what awk program $3 prints from their
+# /proc/PID/$2 (0 for a process that is gone).
+tree_sum() { # $1 pid, $2 file under /proc/PID, $3 awk program
   local total=0 pid
   for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    total=$((total + $(awk "$3" "/proc/$pid/$2" 2>/dev/null || echo 0)))
   done
   echo "$total"
 }
+
+# CPU time (user + system) of a process and its children, in clock ticks.
+cpu_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }
 
 # wrk's latency (850.00us, 1.25ms, 2.05s) in ms.
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
@@ -277,13 +281,7 @@ syscalls() {
 }
 
 # Resident memory of a process and its children, in kB.
-rss_kb() { # $1 pid
-  local total=0 pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
+rss_kb() { tree_sum "$1" status '/^VmRSS/ {print $2}'; }
 
 # Starts one proxy on $p_mem in front of the echo backend; prints its pid (its output goes
 # elsewhere, or the command substitution that reads the pid would wait for it to exit).
