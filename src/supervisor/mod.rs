@@ -26,6 +26,7 @@ mod messages;
 mod names;
 mod orphans;
 mod probe;
+mod procfs;
 mod reap;
 mod reload;
 mod report;

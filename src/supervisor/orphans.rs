@@ -14,6 +14,8 @@ use std::sync::Arc;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, getpid};
 
+use super::procfs;
+
 /// A process lb adopted: its pid and process group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Adopted {
@@ -51,29 +53,13 @@ pub(super) fn kill_all(keep: Option<Pid>) {
 /// lb's children whose parent is lb, from `/proc`.
 fn adopted() -> Vec<Adopted> {
     let me = getpid().as_raw();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| {
-        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (ppid, group, zombie) = parse_stat(&stat)?;
-        (ppid == me && !zombie).then_some(Adopted {
-            pid: Pid::from_raw(pid),
-            group: Pid::from_raw(group),
+    procfs::processes()
+        .filter(|p| p.ppid == me && !p.zombie)
+        .map(|p| Adopted {
+            pid: Pid::from_raw(p.pid),
+            group: Pid::from_raw(p.group),
         })
-    })
-    .collect()
-}
-
-/// The parent pid, process group and whether it is a zombie, from `/proc/PID/stat`.
-fn parse_stat(stat: &str) -> Option<(i32, i32, bool)> {
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let group = fields.next()?.parse().ok()?;
-    Some((ppid, group, state == "Z"))
+        .collect()
 }
 
 /// Whether `pid`'s environment says it came from the worker of `service` on `port`.
@@ -94,14 +80,6 @@ fn came_from(pid: Pid, service: &str, port: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_fields_come_after_the_command_name() {
-        let stat = "4242 (my (odd) app) S 17 4242 4242 0 -1 4194560 ...";
-        assert_eq!(parse_stat(stat), Some((17, 4242, false)));
-        assert_eq!(parse_stat("7 (z) Z 1 7 7"), Some((1, 7, true)));
-        assert_eq!(parse_stat("garbage"), None);
-    }
 
     #[test]
     fn a_process_is_known_by_the_service_and_port_it_inherited() {

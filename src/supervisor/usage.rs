@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::life::WorkerId;
+use super::procfs;
 use super::{Event, Supervisor};
 
 /// How often workers are sampled: often enough for `lb status` to read like `pm2 ls`,
@@ -84,25 +85,8 @@ pub(super) fn sample(leaders: &[(WorkerId, Pid)]) -> Vec<(WorkerId, Sample)> {
         .iter()
         .map(|(_, pid)| (pid.as_raw(), (0, 0)))
         .collect();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        // A process that exits between the listing and the read is simply not counted.
-        // Bytes, not a String: comm is cut at 15 bytes, maybe inside a UTF-8 character.
-        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if let Some(process) = parse_stat(&String::from_utf8_lossy(&stat))
-            && let Some((pages, ticks)) = groups.get_mut(&process.group)
-        {
+    for process in procfs::processes() {
+        if let Some((pages, ticks)) = groups.get_mut(&process.group) {
             *pages += process.pages;
             *ticks += process.ticks;
         }
@@ -120,31 +104,6 @@ pub(super) fn sample(leaders: &[(WorkerId, Pid)]) -> Vec<(WorkerId, Sample)> {
             ))
         })
         .collect()
-}
-
-/// What one /proc/PID/stat line says of the process.
-#[derive(Debug, PartialEq, Eq)]
-struct Process {
-    group: i32,
-    /// Resident pages.
-    pages: u64,
-    /// utime + stime + cutime + cstime, in clock ticks.
-    ticks: u64,
-}
-
-/// proc(5): the command name is in parentheses and may hold spaces or parentheses, so
-/// fields are counted from the last `)`: state is field 3, pgrp 5, utime..cstime 14..17,
-/// rss 24.
-fn parse_stat(stat: &str) -> Option<Process> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).copied();
-    let number = |n: usize| field(n)?.parse::<u64>().ok();
-    Some(Process {
-        group: field(5)?.parse().ok()?,
-        pages: number(24)?,
-        ticks: number(14)? + number(15)? + number(16)? + number(17)?,
-    })
 }
 
 impl Supervisor {
@@ -210,21 +169,6 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_lines_are_read_from_the_last_parenthesis() {
-        let line = "4242 (my (odd) app) S 1 4240 4240 0 -1 4194560 1 0 0 0 70 30 5 5 20 0 1 0 \
-                    100 12345678 2500 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
-        assert_eq!(
-            parse_stat(line),
-            Some(Process {
-                group: 4240,
-                pages: 2500,
-                ticks: 110
-            })
-        );
-        assert_eq!(parse_stat("4242 (truncated"), None);
-    }
 
     #[test]
     fn our_own_group_is_sampled() {
