@@ -5,7 +5,7 @@
 # Run:    docker run -v $PWD/lb.yaml:/etc/lb/lb.yaml:ro -p 8080:8080 lb
 #
 # lb runs your app, so the app's files and runtime must be in the same image; most apps
-# copy lb into their own image (README, "Docker and podman"):
+# copy lb into their own image (docs/production.md, "Docker and podman"):
 #   COPY --from=lb /usr/local/bin/lb /usr/local/bin/lb
 #
 # Without Docker Hub, build the `prebuilt` stage from a static lb built on the host:

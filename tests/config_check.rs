@@ -7,7 +7,8 @@
 //! golden file. Adding a `.yaml`/`.err` pair adds a case.
 //!
 //! Every `tests/config/valid/*.yaml` must pass `lb check`, and so must every config that
-//! ships: `config.example.yaml`, `examples/*/lb.yaml` and the READMEs' `yaml` blocks.
+//! ships: `config.example.yaml`, `examples/*/lb.yaml` and the `yaml` blocks of the READMEs
+//! and of `docs/*.md`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -307,7 +308,7 @@ fn every_shipped_example_config_is_valid() {
         }
     }
     assert!(configs.len() >= 3, "{configs:?}");
-    // Every ```yaml block of the READMEs, written to a file of its own.
+    // Every ```yaml block of the READMEs and of the pages in docs/, written to a file of its own.
     let blocks = tempfile::tempdir().expect("temp dir");
     let mut readmes = vec![root.join("README.md")];
     for entry in fs::read_dir(root.join("examples")).expect("examples folder") {
@@ -316,9 +317,15 @@ fn every_shipped_example_config_is_valid() {
             readmes.push(readme);
         }
     }
+    for entry in fs::read_dir(root.join("docs")).expect("docs folder") {
+        let page = entry.expect("entry").path();
+        if page.extension().is_some_and(|ext| ext == "md") {
+            readmes.push(page);
+        }
+    }
     let mut found = 0;
     for readme in &readmes {
-        let text = fs::read_to_string(readme).expect("read the README");
+        let text = fs::read_to_string(readme).expect("read the markdown file");
         for (n, block) in yaml_blocks(&text).into_iter().enumerate() {
             let name = readme
                 .strip_prefix(root)

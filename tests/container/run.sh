@@ -6,8 +6,8 @@
 # `lb restart` through `podman exec` replaces them, `podman healthcheck run` passes, and
 # `podman stop -t N` ends the container with code 0 while a connection open at the stop
 # is served to its end. Also checks that the image's user is numeric and not root, that
-# the same check rejects images running as root, and that the README's recipe (lb copied
-# into an app's image with COPY --from) builds and runs.
+# the same check rejects images running as root, and that the recipe in docs/production.md
+# (lb copied into an app's image with COPY --from) builds and runs.
 #
 # Run as root (podman with runc and vfs storage, all of it in a temp folder that is
 # removed at the end). Skips, saying why, where podman cannot run.
@@ -256,31 +256,31 @@ exit_code="$(pm inspect --format '{{.State.ExitCode}}' "$name")"
 [ "$stop_took" -lt "$timeout_s" ] || fail "podman stop took ${stop_took}s, the whole -t $timeout_s"
 echo "the open connection was served to its end ($(cat "$tmp/hold.out")); container exited 0 in ${stop_took}s"
 
-# --- the README's recipe: lb copied into an app's image ------------------------------------
+# --- docs/production.md's recipe: lb copied into an app's image ----------------------------
 # Its Dockerfile block, with the test's images in place of the runtime and of lb:0.1.0. No
 # CMD there: lb and `lb health` read lb.yaml in the WORKDIR.
 recipe="$tmp/recipe"
 mkdir -p "$recipe"
-awk '/^### Docker and podman/ { on = 1 } on && /^```dockerfile/ { code = 1; next } code && /^```/ { exit } code' \
-  "$repo/README.md" >"$recipe/Containerfile.readme"
-grep -q '^COPY --from=lb:0.1.0 /usr/local/bin/lb /usr/local/bin/lb$' "$recipe/Containerfile.readme" \
-  || fail "the README's Docker and podman section has no COPY --from recipe"
+awk '/^## Docker and podman/ { on = 1 } on && /^```dockerfile/ { code = 1; next } code && /^```/ { exit } code' \
+  "$repo/docs/production.md" >"$recipe/Containerfile.docs"
+grep -q '^COPY --from=lb:0.1.0 /usr/local/bin/lb /usr/local/bin/lb$' "$recipe/Containerfile.docs" \
+  || fail "the Docker and podman section of docs/production.md has no COPY --from recipe"
 sed -e 's|^FROM .*|FROM scratch|' -e "s|--from=lb:0.1.0|--from=$image|" \
-  "$recipe/Containerfile.readme" >"$recipe/Containerfile"
+  "$recipe/Containerfile.docs" >"$recipe/Containerfile"
 cp "$bin/lb-test-worker" "$recipe/"
 sed 's|command: \["lb-test-worker"\]|command: ["/app/lb-test-worker"]|' "$tmp/app/lb.yaml" >"$recipe/lb.yaml"
 grep -q /app/lb-test-worker "$recipe/lb.yaml" || fail "the recipe's config names no worker"
 pm build --quiet --format docker -f "$recipe/Containerfile" -t localhost/lb-container-test:recipe "$recipe" >/dev/null \
-  || fail "podman build of the README recipe failed"
+  || fail "podman build of the docs recipe failed"
 user_is_numeric_non_root localhost/lb-container-test:recipe || fail "the recipe image's user"
-step "podman run the README recipe"
+step "podman run the docs recipe"
 containers+=(lb-container-recipe)
 pm run -d --name lb-container-recipe -p 127.0.0.1::8080 localhost/lb-container-test:recipe >/dev/null \
-  || fail "podman run of the README recipe failed"
+  || fail "podman run of the docs recipe failed"
 recipe_addr="$(pm port lb-container-recipe 8080/tcp)"
 wait_for 30 pm healthcheck run lb-container-recipe || fail "the recipe's health check did not pass within 30 s"
 line="$(python3 "$here/client.py" hello "$recipe_addr")" || fail "the recipe served nothing"
-echo "the README recipe: healthy, served by $line"
+echo "the docs recipe: healthy, served by $line"
 pm stop -t "$timeout_s" lb-container-recipe >/dev/null || fail "podman stop of the recipe failed"
 exit_code="$(pm inspect --format '{{.State.ExitCode}}' lb-container-recipe)"
 [ "$exit_code" = 0 ] || fail "the recipe container exited with $exit_code"
