@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info};
 
-use super::{Shared, copy, exhaustion, is_resource_exhaustion, proxy_protocol};
-use crate::config::ProxyProtocol;
+use super::{Shared, copy, exhaustion, is_resource_exhaustion, upstream};
 use crate::metrics::{ByteCounter, DroppedMetrics};
 use crate::snapshot::{ActiveGuard, Backend, BackendId, ConnectFailure, Pool};
 
@@ -45,16 +43,14 @@ pub(super) fn handle<'a>(
             active,
             client,
             upstream,
+            early,
             logged,
         }) = connected.await
         else {
             return;
         };
         backend.metrics.connections_total.inc();
-        // Small writes (a request line, a keystroke) go out at once, as on a direct
-        // connection. The client has `TCP_NODELAY` from its listening socket already.
-        let _ = upstream.set_nodelay(true);
-        let transfer = copy::Transfer::new(client, upstream, &*pool);
+        let transfer = copy::Transfer::new(client, upstream, &*pool, early);
         tokio::pin!(transfer);
         let ended = tokio::select! {
             result = &mut transfer => match result {
@@ -157,6 +153,8 @@ struct Connected {
     active: ActiveGuard,
     client: TcpStream,
     upstream: TcpStream,
+    /// What the client sent while lb connected, for the copy to pass on.
+    early: Option<copy::Early>,
     /// The client's address, kept for the log line only with `log_connections` (the
     /// socket no longer tells it once closed); boxed, so a connection without it keeps
     /// a pointer, not the address.
@@ -176,6 +174,9 @@ async fn connect(
     let _connecting = connecting;
     let started = Instant::now();
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
+    // Read once a backend is picked, not before: a client waiting for one to be ready
+    // holds no buffer. Every try sends the same bytes.
+    let mut opening: Option<upstream::Opening> = None;
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
         // finds the new worker rather than only the old one.
@@ -189,19 +190,35 @@ async fn connect(
         // Counted from the pick, not from the connect, so a draining worker is not
         // stopped while a connection that picked it is still connecting.
         let active = backend.track();
+        let first = match opening.take() {
+            Some(first) => first,
+            None => match upstream::Opening::read(&client, pool.relay.proxy_protocol, peer, listen)
+            {
+                Ok(first) => first,
+                // The client reset before it was served: no backend is at fault.
+                Err(err) => {
+                    debug!(service, %peer, %err, "client gone before it reached a backend");
+                    if pool.relay.log_connections {
+                        log_closed(
+                            service,
+                            Some(peer),
+                            "-",
+                            (0, 0),
+                            started.elapsed(),
+                            Ended::Reset,
+                        );
+                    }
+                    return None;
+                }
+            },
+        };
         let connect = tokio::time::timeout(
             pool.relay.timeouts.connect,
-            open(
-                backend.addr,
-                pool.relay.proxy_protocol,
-                &client,
-                peer,
-                listen,
-            ),
+            upstream::connect(backend.addr, &first),
         )
         .await;
         match connect.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
-            Ok(upstream) => {
+            Ok((upstream, sent)) => {
                 exhaustion::connected();
                 let logged = pool.relay.log_connections.then(|| Box::new(peer));
                 return Some(Connected {
@@ -210,6 +227,7 @@ async fn connect(
                     active,
                     client,
                     upstream,
+                    early: first.rest(sent),
                     logged,
                 });
             }
@@ -225,6 +243,7 @@ async fn connect(
                 backend.metrics.connect_errors_total.inc();
                 report_down(proxy, &backend, ConnectFailure::of(&err));
                 drop(active);
+                opening = Some(first);
             }
         }
     }
@@ -239,25 +258,6 @@ async fn connect(
         dropped(&pool, service, peer, started, why);
     }
     None
-}
-
-/// Connects to a backend and, with the PROXY protocol on, first tells it the client's
-/// address and the address the client reached.
-async fn open(
-    backend: SocketAddr,
-    version: ProxyProtocol,
-    client: &TcpStream,
-    peer: SocketAddr,
-    listen: SocketAddr,
-) -> io::Result<TcpStream> {
-    let mut upstream = TcpStream::connect(backend).await?;
-    if version != ProxyProtocol::Off {
-        let local = client.local_addr().unwrap_or(listen);
-        let mut header = [0u8; proxy_protocol::MAX_HEADER];
-        let len = proxy_protocol::relayed(version, peer, local, &mut header);
-        upstream.write_all(&header[..len]).await?;
-    }
-    Ok(upstream)
 }
 
 /// Counts (and with `log_connections` logs) a client lb closed unserved.

@@ -10,7 +10,6 @@
 //! moves its bytes with splice(2) through a pooled pipe from then on, without copying
 //! them through lb (see [`super::splice`]).
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -19,56 +18,19 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
+use super::buffer::{Buffer, CHUNK, give_back, take};
 use super::splice::{self, Pipe};
 use crate::metrics::ByteCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use nix::sys::socket::{MsgFlags, send};
+use std::os::fd::AsRawFd as _;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-
-/// Bytes per read: HAProxy's default `tune.bufsize`, and the most a direction holds.
-/// Offsets into a buffer are `u16`, which keeps a direction at 16 bytes.
-const CHUNK: usize = 16 * 1024;
-const _: () = assert!(CHUNK <= u16::MAX as usize);
-
-/// Free buffers a thread keeps. A read borrows one and usually returns it within the same
-/// poll, so a few cover every connection a thread serves; more would only be memory kept
-/// after a burst of slow peers.
-const POOL_CAP: usize = 8;
 
 /// Full reads in a row after which a direction moves its bytes with splice(2): a
 /// direction that fills the buffer this often is streaming, and a request or a reply that
 /// fits in a few reads is not worth a pipe.
 const SPLICE_AFTER: u8 = 3;
-
-/// A thin pointer, so a direction that holds nothing costs 8 bytes.
-type Buffer = Box<[u8; CHUNK]>;
-
-thread_local! {
-    static POOL: RefCell<Vec<Buffer>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A buffer from this thread's pool, or a new one when every pooled buffer is held by a
-/// connection whose peer is slow.
-fn take() -> Buffer {
-    POOL.with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| {
-            vec![0; CHUNK]
-                .into_boxed_slice()
-                .try_into()
-                .expect("the vector has CHUNK bytes")
-        })
-}
-
-/// Returns a drained buffer to this thread's pool (which may not be the thread that took
-/// it: tasks move between threads), or frees it if the pool is full.
-fn give_back(buf: Buffer) {
-    POOL.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_CAP {
-            pool.push(buf);
-        }
-    });
-}
 
 /// What a transfer reads from its service: the idle timeout and one byte counter per
 /// direction. A transfer keeps one reference to it instead of three fields.
@@ -104,13 +66,43 @@ pin_project! {
     }
 }
 
+/// Client bytes read before the transfer began, while lb connected: `buf[start..end]` is
+/// still to be sent to the backend, and `sent` of them went with the connect.
+pub(super) struct Early {
+    pub buf: Buffer,
+    pub start: u16,
+    pub end: u16,
+    pub sent: u16,
+}
+
 impl<'a, S: Service> Transfer<'a, S> {
-    pub(super) fn new(client: TcpStream, upstream: TcpStream, service: &'a S) -> Self {
+    pub(super) fn new(
+        client: TcpStream,
+        upstream: TcpStream,
+        service: &'a S,
+        early: Option<Early>,
+    ) -> Self {
         let last = Instant::now();
+        let mut to_backend = Direction::default();
+        if let Some(Early {
+            buf,
+            start,
+            end,
+            sent,
+        }) = early
+        {
+            service.to_backend().add(sent.into());
+            to_backend.bytes = sent.into();
+            if start < end {
+                (to_backend.held, to_backend.start, to_backend.end) = (Some(buf), start, end);
+            } else {
+                give_back(buf);
+            }
+        }
         Transfer {
             client,
             upstream,
-            to_backend: Direction::default(),
+            to_backend,
             to_client: Direction::default(),
             last,
             service,
@@ -195,8 +187,12 @@ struct Direction {
 enum Flow {
     #[default]
     Open,
-    /// The reader saw EOF; the writer's write half is being shut down.
+    /// The reader saw EOF; once the bytes held are written, the writer's write half is
+    /// shut down.
     Closing,
+    /// The reader failed after the bytes held were read; once they are written, the
+    /// transfer fails.
+    Failed,
     Done,
 }
 
@@ -216,8 +212,28 @@ impl Direction {
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         loop {
+            if let Some(buf) = &self.held {
+                // With the reader's end already seen, the FIN follows these bytes at once.
+                let fin_follows = self.flow != Flow::Open;
+                while self.start < self.end {
+                    let pending = &buf[self.start as usize..self.end as usize];
+                    let written = ready!(poll_write(cx, writer, pending, fin_follows))?;
+                    if written == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.start += u16::try_from(written).expect("at most CHUNK bytes");
+                    sent(written, &mut self.bytes, counter, moved);
+                }
+                if let Some(buf) = self.held.take() {
+                    give_back(buf);
+                }
+            }
             match self.flow {
                 Flow::Done => return Poll::Ready(Ok(())),
+                Flow::Failed => {
+                    self.flow = Flow::Done;
+                    return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                }
                 // With the other direction done too, the transfer ends now and dropping
                 // the writer closes it, which sends the same FIN: its bytes were all read
                 // (that direction reached EOF), so the close cannot turn into a reset.
@@ -233,20 +249,6 @@ impl Direction {
                 }
                 Flow::Open => {}
             }
-            if let Some(buf) = &self.held {
-                while self.start < self.end {
-                    let pending = &buf[self.start as usize..self.end as usize];
-                    let written = ready!(Pin::new(&mut *writer).poll_write(cx, pending))?;
-                    if written == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.start += u16::try_from(written).expect("at most CHUNK bytes");
-                    sent(written, &mut self.bytes, counter, moved);
-                }
-                if let Some(buf) = self.held.take() {
-                    give_back(buf);
-                }
-            }
             if self.streak >= SPLICE_AFTER {
                 ready!(self.poll_splice(cx, reader, writer, counter, moved))?;
                 continue;
@@ -260,9 +262,15 @@ impl Direction {
             match polled {
                 Poll::Ready(Ok(())) if n > 0 => {
                     *moved = true;
-                    self.held = Some(buf);
-                    (self.start, self.end) = (0, u16::try_from(n).expect("at most CHUNK bytes"));
                     self.streak = if n == CHUNK { self.streak + 1 } else { 0 };
+                    let more = if n < CHUNK {
+                        self.read_ahead(cx, reader, &mut buf[n..])
+                    } else {
+                        0
+                    };
+                    self.held = Some(buf);
+                    (self.start, self.end) =
+                        (0, u16::try_from(n + more).expect("at most CHUNK bytes"));
                 }
                 Poll::Ready(Ok(())) => {
                     give_back(buf);
@@ -277,6 +285,58 @@ impl Direction {
                     return Poll::Pending;
                 }
             }
+        }
+    }
+
+    /// After a short read, takes what the reader has already received besides, above all
+    /// its EOF: bytes known to be the last leave with the FIN in one packet (HAProxy does
+    /// the same), so a connection that closes after its reply costs two packets fewer,
+    /// the peer's acknowledgement of the bytes and the lone FIN. tokio keeps a socket's
+    /// closed state when a short read clears its readiness, so an EOF that has arrived
+    /// shows as readiness here; without one this makes no system call. A read that fails
+    /// here fails the direction once the bytes in hand are passed on, as they would have
+    /// been without this look ahead. How many bytes it added to `space`.
+    fn read_ahead(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut TcpStream,
+        space: &mut [u8],
+    ) -> usize {
+        if reader.poll_read_ready(cx).is_pending() {
+            return 0;
+        }
+        let mut read = ReadBuf::new(space);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => self.flow = Flow::Closing,
+            Poll::Ready(Ok(())) | Poll::Pending => {}
+            Poll::Ready(Err(_)) => self.flow = Flow::Failed,
+        }
+        read.filled().len()
+    }
+}
+
+/// Writes `data`; with `fin_follows`, with `MSG_MORE`, so the kernel holds a last small
+/// piece back for the FIN that the caller sends next (the shutdown, or the close), and both
+/// leave in one packet.
+fn poll_write(
+    cx: &mut Context<'_>,
+    writer: &mut TcpStream,
+    data: &[u8],
+    fin_follows: bool,
+) -> Poll<io::Result<usize>> {
+    if !fin_follows {
+        return Pin::new(writer).poll_write(cx, data);
+    }
+    // nix names no `MSG_MORE`.
+    let flags = MsgFlags::from_bits_retain(nix::libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL;
+    loop {
+        ready!(writer.poll_write_ready(cx))?;
+        let attempt = writer.try_io(Interest::WRITABLE, || {
+            send(writer.as_raw_fd(), data, flags).map_err(io::Error::from)
+        });
+        match attempt {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
         }
     }
 }
@@ -439,7 +499,7 @@ mod tests {
             to_backend: counter("in"),
             to_client: counter("out"),
         }));
-        let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service));
+        let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service, None));
         (client, backend, service, transfer)
     }
 

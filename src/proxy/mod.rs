@@ -2,6 +2,7 @@
 //! task per connection, bytes copied untouched to a backend picked from the current
 //! [`Snapshot`](crate::snapshot).
 
+mod buffer;
 mod connection;
 mod copy;
 mod exhaustion;
@@ -10,6 +11,7 @@ mod listening;
 pub mod proxy_protocol;
 mod splice;
 mod threads;
+mod upstream;
 
 pub use listening::Listening;
 
