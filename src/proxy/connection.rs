@@ -1,10 +1,13 @@
-//! One client connection: pick a backend, connect (retrying others), tell it who the
-//! client is (PROXY protocol, when on), then copy; with `log_connections`, one line when
-//! it ends, as HAProxy's `tcplog`.
+//! One client connection: pick a backend, connect (retrying others) and send it who the
+//! client is (PROXY protocol, when on) with what the client has sent so far (see
+//! [`super::upstream`]), then copy; with `log_connections`, one line when it ends, as
+//! HAProxy's `tcplog`.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -162,13 +165,13 @@ struct Connected {
 }
 
 /// Picks a backend and connects, trying up to [`CONNECT_ATTEMPTS`] of them, and sends
-/// the PROXY header; `None` (counted, and logged) if none could be reached.
-/// `connecting` goes when this ends.
+/// the PROXY header and what the client has sent; `None` (counted, and logged) if none
+/// could be reached, or if the client reset first. `connecting` goes when this ends.
 async fn connect(
     proxy: &Shared,
     service: &str,
     listen: SocketAddr,
-    (client, peer): (TcpStream, SocketAddr),
+    (mut client, peer): (TcpStream, SocketAddr),
     connecting: TaskTrackerToken,
 ) -> Option<Connected> {
     let _connecting = connecting;
@@ -190,27 +193,20 @@ async fn connect(
         // Counted from the pick, not from the connect, so a draining worker is not
         // stopped while a connection that picked it is still connecting.
         let active = backend.track();
-        let first = match opening.take() {
-            Some(first) => first,
-            None => match upstream::Opening::read(&client, pool.relay.proxy_protocol, peer, listen)
-            {
-                Ok(first) => first,
-                // The client reset before it was served: no backend is at fault.
-                Err(err) => {
-                    debug!(service, %peer, %err, "client gone before it reached a backend");
-                    if pool.relay.log_connections {
-                        log_closed(
-                            service,
-                            Some(peer),
-                            "-",
-                            (0, 0),
-                            started.elapsed(),
-                            Ended::Reset,
-                        );
-                    }
-                    return None;
-                }
-            },
+        let version = pool.relay.proxy_protocol;
+        let read = poll_fn(|cx| {
+            let first = opening.take().map_or_else(
+                || upstream::Opening::read(cx, &mut client, version, peer, listen),
+                Ok,
+            );
+            Poll::Ready(first)
+        });
+        let first = match read.await {
+            Ok(first) => first,
+            Err(err) => {
+                client_gone(&pool, service, peer, started, &err);
+                return None;
+            }
         };
         let connect = tokio::time::timeout(
             pool.relay.timeouts.connect,
@@ -258,6 +254,16 @@ async fn connect(
         dropped(&pool, service, peer, started, why);
     }
     None
+}
+
+/// A client that reset before lb reached a backend for it: no backend is at fault and lb
+/// dropped no one, so nothing is counted; with `log_connections`, its line says `reset`.
+fn client_gone(pool: &Pool, service: &str, peer: SocketAddr, started: Instant, err: &io::Error) {
+    debug!(service, %peer, %err, "client gone before it reached a backend");
+    if pool.relay.log_connections {
+        let took = started.elapsed();
+        log_closed(service, Some(peer), "-", (0, 0), took, Ended::Reset);
+    }
 }
 
 /// Counts (and with `log_connections` logs) a client lb closed unserved.

@@ -14,9 +14,11 @@
 use std::io;
 use std::net::SocketAddr;
 
-use nix::sys::socket::{MsgFlags, recv};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead as _, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::buffer::{Buffer, give_back, take};
@@ -34,10 +36,14 @@ pub(super) struct Opening {
 
 impl Opening {
     /// The PROXY header for `peer` (when on) and what `client` has sent so far, read
-    /// without waiting. An error is the client's: it reset the connection before it was
-    /// served.
+    /// without waiting: tokio takes a socket just accepted for readable, so the read is
+    /// tried, and a short one clears that, so the copy's first read waits for the event
+    /// loop rather than finding nothing. An error is the client's: it reset the connection
+    /// before it was served. An EOF read here is read again by the copy (a socket's EOF
+    /// stays).
     pub(super) fn read(
-        client: &TcpStream,
+        cx: &mut Context<'_>,
+        client: &mut TcpStream,
         version: ProxyProtocol,
         peer: SocketAddr,
         listen: SocketAddr,
@@ -50,22 +56,15 @@ impl Opening {
             header = proxy_protocol::relayed(version, peer, local, &mut relayed);
             buf[..header].copy_from_slice(&relayed[..header]);
         }
-        // A direct `recv`, not tokio's: the event loop has not yet seen this socket
-        // readable, so tokio would not try. Would-block leaves tokio's view right (not
-        // readable), and an EOF read here is read again by the copy (a socket's EOF stays).
-        let read = match recv(
-            std::os::fd::AsRawFd::as_raw_fd(client),
-            &mut buf[header..],
-            MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN) => 0,
-            Err(err) => {
+        let mut read = ReadBuf::new(&mut buf[header..]);
+        let end = match Pin::new(client).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => header + read.filled().len(),
+            Poll::Pending => header,
+            Poll::Ready(Err(err)) => {
                 give_back(buf);
-                return Err(err.into());
+                return Err(err);
             }
         };
-        let end = header + read;
         let buf = if end == 0 {
             give_back(buf);
             None
