@@ -3,7 +3,7 @@
 # HTTP backends; prints every row of issue 10's table as medians and ratios.
 #
 #   cargo build --release && benches/throughput/run.sh
-#   PARTS=memory benches/throughput/run.sh     # any of: throughput memory syscalls
+#   PARTS=memory benches/throughput/run.sh     # any of: throughput memory syscalls packets
 #   LB_BASELINE=/path/to/older/lb benches/throughput/run.sh   # adds a column (before/after)
 #
 # throughput: RUNS rounds (default 3); in each, every workload runs against every peer in
@@ -27,12 +27,15 @@
 # syscalls: system calls per request, `strace -c -f` on each proxy during wrk -t1 -c16
 # -d5s, keep-alive and new connection (strace slows the proxy: counts, not speed).
 #
+# packets: TCP segments per request on the whole machine (nstat), keep-alive and new
+# connection, wrk -t2 -cCONNECTIONS for 3 s against each peer and a direct connection.
+#
 # Needs wrk, ab (apache2-utils), haproxy, nginx-light, libnginx-mod-stream (Debian
-# packages), python3, and strace for the syscalls part. Each peer is tuned as its own
-# documentation recommends for plain TCP balancing on this machine: HAProxy with `mode
-# tcp`, one thread per CPU (its default; HAPROXY_THREADS to change) and `option
-# splice-auto`; nginx with `worker_processes auto` and a `stream` upstream; lb with its
-# defaults (`threads: auto`).
+# packages), python3, strace for the syscalls part and nstat (iproute2) for the packets
+# part. Each peer is tuned as its own documentation recommends for plain TCP balancing on
+# this machine: HAProxy with `mode tcp`, one thread per CPU (its default;
+# HAPROXY_THREADS to change) and `option splice-auto`; nginx with `worker_processes auto`
+# and a `stream` upstream; lb with its defaults (`threads: auto`).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -280,6 +283,30 @@ syscalls() {
   stop_peers
 }
 
+# TCP segments per request on the whole machine (client, proxy and backend together), from
+# the kernel's counters (nstat, iproute2): every packet costs CPU on both of its ends.
+packets() {
+  command -v nstat >/dev/null || { echo "needs nstat (iproute2)" >&2; exit 1; }
+  export NSTAT_HISTORY="$work/nstat.history"
+  start_peers
+  echo
+  echo "| load | peer | TCP segments per request | of which pure ACKs |"
+  echo "| --- | --- | --- | --- |"
+  for mode in keep-alive new-conn; do
+    for peer in "${peers[@]}"; do
+      local header=() requests
+      [ "$mode" = new-conn ] && header=(-H "Connection: close")
+      nstat -n > /dev/null
+      wrk -t2 -c"$connections" -d3s "${header[@]}" "http://127.0.0.1:${peer_port[$peer]}/" > "$work/out.txt" 2>&1 || true
+      requests=$(awk '/requests in/ {print $1}' "$work/out.txt")
+      nstat -a 2> /dev/null | awk -v r="$requests" -v m="$mode" -v p="$peer" '
+        $1 == "TcpOutSegs" {s = $2} $1 == "TcpExtTCPPureAcks" {a = $2}
+        END {printf "| %s | %s | %.2f | %.2f |\n", m, p, s / r, a / r}'
+    done
+  done
+  stop_peers
+}
+
 # Resident memory of a process and its children, in kB.
 rss_kb() { tree_sum "$1" status '/^VmRSS/ {print $2}'; }
 
@@ -395,3 +422,4 @@ case " $parts " in *" throughput "*) throughput ;; esac
 case " $parts " in *" memory "*) memory ;; esac
 case " $parts " in *" throughput "*) throughput_summary ;; esac
 case " $parts " in *" syscalls "*) syscalls ;; esac
+case " $parts " in *" packets "*) packets ;; esac

@@ -214,7 +214,7 @@ impl Direction {
         loop {
             if let Some(buf) = &self.held {
                 // With the reader's end already seen, the FIN follows these bytes at once.
-                let fin_follows = self.flow != Flow::Open;
+                let fin_follows = self.flow == Flow::Closing;
                 while self.start < self.end {
                     let pending = &buf[self.start as usize..self.end as usize];
                     let written = ready!(poll_write(cx, writer, pending, fin_follows))?;
@@ -694,6 +694,40 @@ mod tests {
         let mut hello = [0u8; 5];
         backend.read_exact(&mut hello).await.expect("hello");
         reset(client);
+        a_reset_reaches(backend, transfer).await;
+    }
+
+    /// A client's last bytes and its reset arrive together, before the transfer first
+    /// reads: the bytes reach the backend, then the reset does.
+    #[tokio::test]
+    async fn bytes_that_arrived_with_a_reset_are_passed_on_before_it() {
+        let (mut client, client_side) = socket_pair(Buffers::Small).await;
+        let (upstream_side, mut backend) = socket_pair(Buffers::Small).await;
+        client.write_all(b"last words").await.expect("send");
+        reset(client);
+        // The event loop has seen the reset before the transfer's first read (an accepted
+        // socket counts as readable at first, so yield until the loop has polled it).
+        while !client_side
+            .ready(Interest::READABLE)
+            .await
+            .expect("readiness")
+            .is_read_closed()
+        {
+            tokio::task::yield_now().await;
+        }
+        let service: &'static TestService = Box::leak(Box::new(TestService {
+            idle: Duration::from_secs(30),
+            to_backend: counter("in"),
+            to_client: counter("out"),
+        }));
+        let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service, None));
+        let mut words = [0u8; 10];
+        backend
+            .read_exact(&mut words)
+            .await
+            .expect("the bytes before the reset");
+        assert_eq!(&words, b"last words");
+        assert_eq!(service.to_backend.get(), 10);
         a_reset_reaches(backend, transfer).await;
     }
 
