@@ -299,7 +299,7 @@ packets() {
       nstat -n > /dev/null
       wrk -t2 -c"$connections" -d3s "${header[@]}" "http://127.0.0.1:${peer_port[$peer]}/" > "$work/out.txt" 2>&1 || true
       requests=$(awk '/requests in/ {print $1}' "$work/out.txt")
-      nstat -a 2> /dev/null | awk -v r="$requests" -v m="$mode" -v p="$peer" '
+      nstat 2> /dev/null | awk -v r="$requests" -v m="$mode" -v p="$peer" '
         $1 == "TcpOutSegs" {s = $2} $1 == "TcpExtTCPPureAcks" {a = $2}
         END {printf "| %s | %s | %.2f | %.2f |\n", m, p, s / r, a / r}'
     done
