@@ -32,8 +32,7 @@ pub(super) fn take() -> Buffer {
         })
 }
 
-/// Returns a drained buffer to this thread's pool (which may not be the thread that took
-/// it: tasks move between threads), or frees it if the pool is full.
+/// Returns a drained buffer to this thread's pool, or frees it if the pool is full.
 pub(super) fn give_back(buf: Buffer) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();

@@ -165,8 +165,9 @@ struct Connected {
 }
 
 /// Picks a backend and connects, trying up to [`CONNECT_ATTEMPTS`] of them, and sends
-/// the PROXY header and what the client has sent; `None` (counted, and logged) if none
-/// could be reached, or if the client reset first. `connecting` goes when this ends.
+/// the PROXY header and what the client has sent; `None` if none could be reached
+/// (counted, and logged) or if the client reset first (logged). `connecting` goes when
+/// this ends.
 async fn connect(
     proxy: &Shared,
     service: &str,
@@ -178,7 +179,8 @@ async fn connect(
     let started = Instant::now();
     let mut tried: [BackendId; CONNECT_ATTEMPTS] = [BackendId::MAX; CONNECT_ATTEMPTS];
     // Read once a backend is picked, not before: a client waiting for one to be ready
-    // holds no buffer. Every try sends the same bytes.
+    // holds no buffer. Every try sends the same client bytes, after the header its pool
+    // asks for.
     let mut opening: Option<upstream::Opening> = None;
     for attempt in 0..CONNECT_ATTEMPTS {
         // Each try reads the newest snapshot, so a retry right after a rollout's swap
@@ -194,18 +196,23 @@ async fn connect(
         // stopped while a connection that picked it is still connecting.
         let active = backend.track();
         let version = pool.relay.proxy_protocol;
-        let read = poll_fn(|cx| {
-            let first = opening.take().map_or_else(
-                || upstream::Opening::read(cx, &mut client, version, peer, listen),
-                Ok,
-            );
-            Poll::Ready(first)
-        });
-        let first = match read.await {
-            Ok(first) => first,
-            Err(err) => {
-                client_gone(&pool, service, peer, started, &err);
-                return None;
+        let first = match opening.take() {
+            Some(mut first) => {
+                first.set_version(version, &client, peer, listen);
+                first
+            }
+            None => {
+                let read = poll_fn(|cx| {
+                    let read = upstream::Opening::read(cx, &mut client, version, peer, listen);
+                    Poll::Ready(read)
+                });
+                match read.await {
+                    Ok(first) => first,
+                    Err(err) => {
+                        client_gone(&pool, service, peer, started, &err);
+                        return None;
+                    }
+                }
             }
         };
         let connect = tokio::time::timeout(

@@ -12,20 +12,21 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use super::buffer::{Buffer, CHUNK, give_back, take};
-use super::splice::{self, Pipe};
-use crate::metrics::ByteCounter;
 use nix::sys::socket::{MsgFlags, send};
-use std::os::fd::AsRawFd as _;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use super::buffer::{Buffer, CHUNK, give_back, take};
+use super::splice::{self, Pipe};
+use crate::metrics::ByteCounter;
 
 /// Full reads in a row after which a direction moves its bytes with splice(2): a
 /// direction that fills the buffer this often is streaming, and a request or a reply that
@@ -66,8 +67,9 @@ pin_project! {
     }
 }
 
-/// Client bytes read before the transfer began, while lb connected: `buf[start..end]` is
-/// still to be sent to the backend, and `sent` of them went with the connect.
+/// Client bytes read before the transfer began, while lb connected: `buf[..start]` went
+/// with the connect (`sent` bytes, counted when the transfer starts) and `buf[start..end]`
+/// is still to be sent.
 pub(super) struct Early {
     pub buf: Buffer,
     pub start: u16,
@@ -156,7 +158,23 @@ impl<S: Service> Future for Transfer<'_, S> {
         while this.timer.as_mut().poll(cx).is_ready() {
             let deadline = *this.last + this.service.idle();
             if deadline <= Instant::now() {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                let failed = [this.to_backend.flow, this.to_client.flow]
+                    .into_iter()
+                    .find_map(|flow| match flow {
+                        Flow::Failed(kind) => Some(kind),
+                        _ => None,
+                    });
+                let Some(kind) = failed else {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "idle timeout",
+                    )));
+                };
+                // A side failed while its last bytes waited for a peer that never took
+                // them: the other side still learns of it as a reset, not a FIN.
+                let _ = client.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+                return Poll::Ready(Err(kind.into()));
             }
             this.timer.as_mut().reset(deadline);
         }
@@ -190,9 +208,9 @@ enum Flow {
     /// The reader saw EOF; once the bytes held are written, the writer's write half is
     /// shut down.
     Closing,
-    /// The reader failed after the bytes held were read; once they are written, the
-    /// transfer fails.
-    Failed,
+    /// The reader failed, with this error, after the bytes held were read; once they are
+    /// written, the transfer fails.
+    Failed(io::ErrorKind),
     Done,
 }
 
@@ -230,9 +248,9 @@ impl Direction {
             }
             match self.flow {
                 Flow::Done => return Poll::Ready(Ok(())),
-                Flow::Failed => {
+                Flow::Failed(kind) => {
                     self.flow = Flow::Done;
-                    return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                    return Poll::Ready(Err(kind.into()));
                 }
                 // With the other direction done too, the transfer ends now and dropping
                 // the writer closes it, which sends the same FIN: its bytes were all read
@@ -309,7 +327,7 @@ impl Direction {
         match Pin::new(&mut *reader).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) if read.filled().is_empty() => self.flow = Flow::Closing,
             Poll::Ready(Ok(())) | Poll::Pending => {}
-            Poll::Ready(Err(_)) => self.flow = Flow::Failed,
+            Poll::Ready(Err(err)) => self.flow = Flow::Failed(err.kind()),
         }
         read.filled().len()
     }
