@@ -20,7 +20,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 
 use nix::sys::socket::{MsgFlags, send};
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -68,13 +68,12 @@ pin_project! {
 }
 
 /// Client bytes read before the transfer began, while lb connected: `buf[..start]` went
-/// with the connect (`sent` bytes, counted when the transfer starts) and `buf[start..end]`
-/// is still to be sent.
+/// with the connect (counted when the transfer starts) and `buf[start..end]` is still to
+/// be sent.
 pub(super) struct Early {
     pub buf: Buffer,
     pub start: u16,
     pub end: u16,
-    pub sent: u16,
 }
 
 impl<'a, S: Service> Transfer<'a, S> {
@@ -86,15 +85,9 @@ impl<'a, S: Service> Transfer<'a, S> {
     ) -> Self {
         let last = Instant::now();
         let mut to_backend = Direction::default();
-        if let Some(Early {
-            buf,
-            start,
-            end,
-            sent,
-        }) = early
-        {
-            service.to_backend().add(sent.into());
-            to_backend.bytes = sent.into();
+        if let Some(Early { buf, start, end }) = early {
+            service.to_backend().add(start.into());
+            to_backend.bytes = start.into();
             if start < end {
                 (to_backend.held, to_backend.start, to_backend.end) = (Some(buf), start, end);
             } else {
@@ -347,16 +340,9 @@ fn poll_write(
     }
     // nix names no `MSG_MORE`.
     let flags = MsgFlags::from_bits_retain(nix::libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL;
-    loop {
-        ready!(writer.poll_write_ready(cx))?;
-        let attempt = writer.try_io(Interest::WRITABLE, || {
-            send(writer.as_raw_fd(), data, flags).map_err(io::Error::from)
-        });
-        match attempt {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            result => return Poll::Ready(result),
-        }
-    }
+    splice::poll_writable_io(cx, writer, || {
+        send(writer.as_raw_fd(), data, flags).map_err(io::Error::from)
+    })
 }
 
 /// Counts `n` bytes a writer took, in the metric and the direction's total: exact at
@@ -422,7 +408,7 @@ impl Direction {
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
     use tokio::net::{TcpSocket, TcpStream};
 
     use super::*;

@@ -92,16 +92,27 @@ pub(super) fn poll_drain(
     socket: &TcpStream,
     pending: usize,
 ) -> Poll<io::Result<usize>> {
+    let n = ready!(poll_writable_io(cx, socket, || {
+        splice(&pipe.read, None, socket, None, pending, flags()).map_err(io::Error::from)
+    }))?;
+    if n == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// Runs `write`, a system call that puts bytes into `socket`, once the event loop says the
+/// socket can take some, and again after each "would block", which clears that readiness.
+pub(super) fn poll_writable_io(
+    cx: &mut Context<'_>,
+    socket: &TcpStream,
+    mut write: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
     loop {
         ready!(socket.poll_write_ready(cx))?;
-        let attempt = socket.try_io(Interest::WRITABLE, || {
-            splice(&pipe.read, None, socket, None, pending, flags()).map_err(io::Error::from)
-        });
-        match attempt {
-            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Ok(n) => return Poll::Ready(Ok(n)),
+        match socket.try_io(Interest::WRITABLE, &mut write) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Poll::Ready(Err(err)),
+            result => return Poll::Ready(result),
         }
     }
 }
