@@ -180,11 +180,7 @@ fn check(yaml: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, Output) {
     }
     let path = dir.path().join("lb.yaml");
     std::fs::write(&path, yaml).expect("write config");
-    let out = Command::new(LB)
-        .arg("check")
-        .arg(&path)
-        .output()
-        .expect("run lb check");
+    let out = common::lb_check(&path);
     (dir, out)
 }
 

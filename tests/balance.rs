@@ -8,11 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use common::config::{Config, Service};
-use common::{DEADLINE, LB, Lb, backend, wait_until};
+use common::{DEADLINE, Lb, backend, wait_until};
 use socket2::{Domain, Socket, Type};
 
 /// A connection from `source` (any 127/8 address works on loopback) and the first line
@@ -369,11 +368,7 @@ fn check_accepts_every_strategy_and_shows_it() {
             .yaml()
             .replace("{worker}", "true");
         std::fs::write(&path, yaml).expect("write config");
-        let out = Command::new(LB)
-            .arg("check")
-            .arg(&path)
-            .output()
-            .expect("run lb check");
+        let out = common::lb_check(&path);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

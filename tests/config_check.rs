@@ -281,11 +281,7 @@ fn an_empty_file_is_one_line_and_exit_1() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("empty.yaml");
     std::fs::write(&path, "# only a comment\n\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
-        .arg("check")
-        .arg(&path)
-        .output()
-        .expect("run lb check");
+    let out = lb_check(dir.path(), &[&path.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -340,11 +336,7 @@ fn every_shipped_example_config_is_valid() {
     }
     assert!(found >= 1, "no ```yaml block in {readmes:?}");
     for config in configs {
-        let out = Command::new(LB)
-            .arg("check")
-            .arg(&config)
-            .output()
-            .expect("run lb check");
+        let out = lb_check(Path::new("."), &[&config.to_string_lossy()]);
         assert!(
             out.status.success(),
             "{}: {}",

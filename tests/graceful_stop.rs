@@ -368,11 +368,7 @@ fn a_stop_takes_no_longer_than_lb_check_says() {
         );
     let mut lb = Lb::start(&config.yaml());
     lb.wait_ready(2);
-    let check = std::process::Command::new(common::LB)
-        .args(["check", "--config"])
-        .arg(lb.dir.path().join("lb.yaml"))
-        .output()
-        .expect("lb check");
+    let check = common::lb_check(&lb.dir.path().join("lb.yaml"));
     let summary = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(summary.contains("longest stop: 5s"), "{summary}");
     // Service a is at max_connections with one client, another waits in the queue.

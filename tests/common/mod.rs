@@ -22,6 +22,15 @@ use nix::unistd::Pid;
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// `lb check CONFIG`: its exit status and what it printed.
+pub fn lb_check(config: &std::path::Path) -> std::process::Output {
+    Command::new(LB)
+        .arg("check")
+        .arg(config)
+        .output()
+        .expect("run lb check")
+}
 pub const WORKER: &str = env!("CARGO_BIN_EXE_lb-test-worker");
 
 /// Polls `done` every 20 ms until it holds; panics naming `what` after `limit`.
