@@ -185,10 +185,13 @@ fn systemd_socket_activate_hands_lb_the_service_and_admin_sockets() {
 fn start_with_socket(config: &str, socket: &TcpListener) -> Lb {
     // std opens sockets close-on-exec; this copy is inherited by the shell (bash: dash
     // takes single-digit descriptors only), which moves it to 3 and names lb (its own
-    // pid, kept by exec) in LISTEN_PID.
+    // pid, kept by exec) in LISTEN_PID. The copy takes the lowest free number, which is 3
+    // itself whenever another test thread has just closed its descriptor 3: then it
+    // stays where it is (moving it would close it).
     let copy = nix::unistd::dup(socket).expect("dup the socket");
     let fd = copy.as_raw_fd();
-    let script = format!(r#"exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#);
+    let script =
+        format!(r#"[ {fd} = 3 ] || exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#);
     let lb = Lb::start_under(config, &["bash", "-c", &script, "bash"], &[]);
     drop(copy);
     lb
