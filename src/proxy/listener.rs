@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::{Proxy, connection, is_resource_exhaustion};
+use super::{Proxy, connection, is_resource_exhaustion, steering};
 
 /// One accept loop's own parts.
 pub(super) struct Accept {
@@ -32,6 +32,8 @@ pub(super) struct Accept {
     pub stop: CancellationToken,
     /// Started when lb stops: accept what is queued, then close.
     pub finish: Finish,
+    /// This socket's part of its address's steering by CPU, if the address has it.
+    pub share: Option<steering::Share>,
 }
 
 /// lb's stop as one accept loop sees it: the moment to stop taking new clients, and
@@ -63,7 +65,7 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts on `listener` (registered here, with the event loop of the thread this runs
 /// on) until a reload closes the address or lb stops.
-pub(super) async fn accept_loop(proxy: Proxy, accept: Accept, listener: std::net::TcpListener) {
+pub(super) async fn accept_loop(proxy: Proxy, mut accept: Accept, listener: std::net::TcpListener) {
     // A socket from a service manager may come blocking; tokio needs it non-blocking.
     let registered = listener
         .set_nonblocking(true)
@@ -87,6 +89,9 @@ pub(super) async fn accept_loop(proxy: Proxy, accept: Accept, listener: std::net
         match accepted {
             Ok(client) => {
                 starved = false;
+                if let Some(share) = &mut accept.share {
+                    share.accepted(&listener);
+                }
                 let Some(permit) = permit(&proxy, &accept).await else {
                     break Some(client);
                 };

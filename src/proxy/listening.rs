@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::sync::Arc;
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, getsockopt, listen,
@@ -11,11 +12,15 @@ use nix::sys::socket::{
 };
 use tracing::warn;
 
-use super::LISTEN_BACKLOG;
+use super::{LISTEN_BACKLOG, steering};
 
 /// The listening sockets of one address, at most one per connection thread.
 #[derive(Debug)]
-pub struct Listening(Vec<std::net::TcpListener>);
+pub struct Listening {
+    sockets: Vec<std::net::TcpListener>,
+    /// Set when each socket takes the connections of a CPU of its own.
+    steered: Option<Arc<steering::Group>>,
+}
 
 impl Listening {
     /// Binds `addr` for `threads` connection threads.
@@ -51,27 +56,46 @@ impl Listening {
                 }
             }
         }
-        Listening(sockets)
+        let steered = if grouped {
+            steering::steer(&sockets)
+        } else {
+            None
+        };
+        Listening { sockets, steered }
     }
 
     /// Other descriptors of the same sockets, for a reload that hands the address to
     /// another service: binding anew would fail while these listen, and closing them
     /// first would refuse clients in between.
     pub fn share(&self) -> io::Result<Listening> {
-        self.0
+        let sockets = self
+            .sockets
             .iter()
             .map(std::net::TcpListener::try_clone)
-            .collect::<io::Result<_>>()
-            .map(Listening)
+            .collect::<io::Result<_>>()?;
+        let steered = self.steered.clone();
+        Ok(Listening { sockets, steered })
     }
 
     /// Where the sockets listen: with port 0, the port the kernel chose.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.0.first()?.local_addr().ok()
+        self.sockets.first()?.local_addr().ok()
     }
 
-    pub(super) fn into_sockets(self) -> Vec<std::net::TcpListener> {
-        self.0
+    /// Each socket, with its part of the group's steering if it has one.
+    pub(super) fn into_sockets(
+        self,
+    ) -> impl Iterator<Item = (std::net::TcpListener, Option<steering::Share>)> {
+        let steered = self.steered;
+        self.sockets
+            .into_iter()
+            .enumerate()
+            .map(move |(index, socket)| {
+                let share = steered
+                    .as_ref()
+                    .map(|group| steering::Share::new(Arc::clone(group), index, &socket));
+                (socket, share)
+            })
     }
 }
 
@@ -110,4 +134,149 @@ pub(super) fn bound(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
         SocketAddr::V6(v6) => bind(socket.as_raw_fd(), &SockaddrIn6::from(v6))?,
     }
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+    use std::net::{TcpListener, TcpStream};
+
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    use socket2::SockRef;
+
+    use super::steering::{Share, WINDOW};
+    use super::*;
+
+    fn allowed_cpus() -> Vec<usize> {
+        let set = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap())
+            .collect()
+    }
+
+    /// A group of `threads` sockets on a port of its own.
+    fn group(threads: usize) -> Vec<(TcpListener, Option<Share>)> {
+        let first = sibling("127.0.0.1:0".parse().unwrap()).unwrap();
+        Listening::per_thread(first, threads)
+            .into_sockets()
+            .collect()
+    }
+
+    /// The CPU each socket takes the connections of; `usize::MAX` for none.
+    fn cpus_of(group: &[(TcpListener, Option<Share>)]) -> Vec<usize> {
+        let cpu = |socket| SockRef::from(socket).cpu_affinity().unwrap();
+        group.iter().map(|(socket, _)| cpu(socket)).collect()
+    }
+
+    /// Runs `f` on a thread that may run only on `cpu`: on loopback, the handshakes of
+    /// its connections are processed there.
+    fn on_cpu<T: Send + 'static>(cpu: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            let mut only = CpuSet::new();
+            only.set(cpu).unwrap();
+            sched_setaffinity(Pid::from_raw(0), &only).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// How many connections each socket has queued, taking them.
+    fn queued(group: &[(TcpListener, Option<Share>)]) -> Vec<usize> {
+        let count = |socket: &TcpListener| {
+            std::iter::from_fn(|| match socket.accept() {
+                Ok(accepted) => Some(accepted),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => None,
+                Err(err) => panic!("accept: {err}"),
+            })
+            .count()
+        };
+        group.iter().map(|(socket, _)| count(socket)).collect()
+    }
+
+    /// Linux 6.2 added the choice by CPU within a `SO_REUSEPORT` group.
+    fn kernel_steers() -> bool {
+        let uname = nix::sys::utsname::uname().unwrap();
+        let release = uname.release().to_string_lossy();
+        let mut parts = release.split(['.', '-']).map(|p| p.parse().unwrap_or(0));
+        let version: (u32, u32) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if version < (6, 2) {
+            eprintln!("skipped: Linux {release} picks within a SO_REUSEPORT group by hash only");
+        }
+        version >= (6, 2)
+    }
+
+    #[test]
+    fn each_socket_of_a_group_covering_every_cpu_has_its_cpu() {
+        let cpus = allowed_cpus();
+        assert_eq!(cpus_of(&group(cpus.len())), cpus);
+        let twice: Vec<usize> = cpus.iter().chain(&cpus).copied().collect();
+        assert_eq!(cpus_of(&group(2 * cpus.len())), twice);
+    }
+
+    #[test]
+    fn a_group_that_leaves_a_cpu_without_a_socket_is_not_steered() {
+        let cpus = allowed_cpus().len();
+        if cpus < 2 {
+            return;
+        }
+        let uneven = group(cpus + 1);
+        assert_eq!(cpus_of(&uneven), vec![usize::MAX; cpus + 1]);
+        assert!(uneven.iter().all(|(_, share)| share.is_none()));
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_socket_of_the_cpu_that_received_it() {
+        if !kernel_steers() {
+            return;
+        }
+        let cpus = allowed_cpus();
+        let group = group(cpus.len());
+        let addr = group[0].0.local_addr().unwrap();
+        for (index, &cpu) in cpus.iter().enumerate() {
+            let clients = on_cpu(cpu, move || {
+                (0..8)
+                    .map(|_| TcpStream::connect(addr).unwrap())
+                    .collect::<Vec<_>>()
+            });
+            let mut expected = vec![0; cpus.len()];
+            expected[index] = clients.len();
+            assert_eq!(queued(&group), expected, "connecting from CPU {cpu}");
+        }
+    }
+
+    #[test]
+    fn a_socket_that_takes_far_more_than_its_share_gives_its_cpu_back_to_the_hash() {
+        let cpus = allowed_cpus();
+        if cpus.len() < 2 || !kernel_steers() {
+            return;
+        }
+        let mut group = group(cpus.len());
+        let addr = group[0].0.local_addr().unwrap();
+        // Every connection arrives on the first CPU, as from a NIC with one queue.
+        let (first, share) = group.remove(0);
+        let (first, share) = on_cpu(cpus[0], move || {
+            let mut share = share.unwrap();
+            for _ in 0..WINDOW {
+                let _client = TcpStream::connect(addr).unwrap();
+                first.accept().unwrap();
+                share.accepted(&first);
+            }
+            (first, share)
+        });
+        group.insert(0, (first, Some(share)));
+        assert_eq!(cpus_of(&group)[0], usize::MAX);
+        let _clients = on_cpu(cpus[0], move || {
+            (0..64)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect::<Vec<_>>()
+        });
+        let spread = queued(&group);
+        assert_eq!(spread.iter().sum::<usize>(), 64);
+        assert!(
+            spread[0] < 64,
+            "the first CPU's connections still all go to its socket"
+        );
+    }
 }

@@ -10,6 +10,7 @@ mod listener;
 mod listening;
 pub mod proxy_protocol;
 mod splice;
+mod steering;
 mod threads;
 mod upstream;
 
@@ -170,15 +171,15 @@ impl ServiceListeners {
         let bound = listening.local_addr().unwrap_or(addr);
         let tasks = listening
             .into_sockets()
-            .into_iter()
             .zip(proxy.threads.handles())
-            .map(|(listener, thread)| {
+            .map(|((listener, share), thread)| {
                 let accept = listener::Accept {
                     service: Arc::clone(&self.service),
                     addr,
                     limit: Arc::clone(&self.limit),
                     stop: stop.clone(),
                     finish: finish.clone(),
+                    share,
                 };
                 thread.spawn(listener::accept_loop(proxy.clone(), accept, listener))
             })
