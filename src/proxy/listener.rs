@@ -32,8 +32,8 @@ pub(super) struct Accept {
     pub stop: CancellationToken,
     /// Started when lb stops: accept what is queued, then close.
     pub finish: Finish,
-    /// This socket's part of its address's steering by CPU, if the address has it.
-    pub share: Option<steering::Share>,
+    /// This socket in its address's steering by CPU, if the address has it.
+    pub steering: Option<steering::Member>,
 }
 
 /// lb's stop as one accept loop sees it: the moment to stop taking new clients, and
@@ -89,8 +89,8 @@ pub(super) async fn accept_loop(proxy: Proxy, mut accept: Accept, listener: std:
         match accepted {
             Ok(client) => {
                 starved = false;
-                if let Some(share) = &mut accept.share {
-                    share.accepted(&listener);
+                if let Some(member) = &mut accept.steering {
+                    member.accepted(&listener);
                 }
                 let Some(permit) = permit(&proxy, &accept).await else {
                     break Some(client);

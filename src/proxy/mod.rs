@@ -172,14 +172,14 @@ impl ServiceListeners {
         let tasks = listening
             .into_sockets()
             .zip(proxy.threads.handles())
-            .map(|((listener, share), thread)| {
+            .map(|((listener, steering), thread)| {
                 let accept = listener::Accept {
                     service: Arc::clone(&self.service),
                     addr,
                     limit: Arc::clone(&self.limit),
                     stop: stop.clone(),
                     finish: finish.clone(),
-                    share,
+                    steering,
                 };
                 thread.spawn(listener::accept_loop(proxy.clone(), accept, listener))
             })

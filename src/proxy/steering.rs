@@ -2,32 +2,54 @@
 //! form a `SO_REUSEPORT` group, one socket per thread; by default the kernel picks a
 //! socket by a hash of the connection's addresses. Given a CPU each
 //! (`SO_INCOMING_CPU`), they take the connections whose handshake arrived on their CPU
-//! instead (Linux 6.2 and later), so the connections whose packets one CPU processes
-//! belong to one thread: a burst of their packets wakes that thread once, to serve them
-//! together, where the hash wakes every thread for a few each (docs/benchmarks.md has
-//! what it saves). Where one CPU receives every handshake (a NIC with one queue and no
-//! RPS), steering would give every connection to one thread: a socket that takes far
-//! more than its share gives its CPU back for a while, and the hash spreads that CPU's
-//! connections again.
+//! instead (Linux 6.2 and later; a CPU without a socket still falls back to the hash),
+//! so the connections whose packets one CPU processes belong to one thread: a burst of
+//! their packets wakes that thread once, to serve them together, where the hash wakes
+//! every thread for a few each (docs/benchmarks.md has what it saves).
+//!
+//! Steering only pays where packets arrive spread over the CPUs (a NIC with a queue per
+//! CPU, or clients on the same host). Where they do not (a NIC with fewer queues than
+//! CPUs, and no RPS), it would leave the threads of the quiet CPUs without connections:
+//! every [`WINDOW`] connections per socket, the group looks at how its sockets shared
+//! them, and if one took less than half or more than 1.5 times an equal share, its
+//! sockets leave the choice to the hash for [`HASH_FOR`]. A few long-lived connections
+//! never make a window: they stay where their CPUs put them.
 
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sched::{CpuSet, sched_getaffinity};
 use nix::unistd::Pid;
 use socket2::SockRef;
 use tracing::info;
 
-/// Connections one socket accepts between two looks at its share.
-pub(super) const WINDOW: u64 = 1024;
+/// Connections per socket between two looks at how the group shared them: enough that
+/// an equal share of them almost never strays by half (16 is one standard deviation).
+pub(super) const WINDOW: u64 = 256;
 
-/// What the sockets of one steered group have accepted.
+/// A socket's accepts between two checks whether the group has a window to look at.
+const CHECK_EVERY: u64 = 64;
+
+/// How long an unevenly shared group leaves the choice to the hash before it steers
+/// again: unevenness can pass (clients that moved between CPUs for a while, one that
+/// ran alone), and a group whose CPUs still receive unevenly goes back to the hash after
+/// one window.
+const HASH_FOR: Duration = Duration::from_secs(10);
+
+/// The sockets of one steered address.
 #[derive(Debug)]
 pub(super) struct Group {
     /// Each socket's CPU.
     cpus: Box<[usize]>,
     accepted: Box<[Count]>,
+    /// Until when, in milliseconds after `born`, the hash chooses; 0 while the sockets
+    /// take their CPUs' connections. Each accept loop brings its own socket in line at
+    /// its next connection.
+    hashed_until: AtomicU64,
+    born: Instant,
+    look: Mutex<Look>,
 }
 
 /// One socket's count, in a cache line (two, against the adjacent-line prefetcher) of its
@@ -36,26 +58,60 @@ pub(super) struct Group {
 #[repr(align(128))]
 struct Count(AtomicU64);
 
-/// Gives each socket of a `SO_REUSEPORT` group a CPU lb may run on, in turn, if every
-/// such CPU gets the same number of sockets: a CPU with none would fall back to the hash
-/// for its connections, and one with fewer sockets than the others would give its
-/// threads more than their share. Best effort: a socket that refuses is picked by the
-/// hash, as without steering.
+/// What the group saw at its last look.
+#[derive(Debug)]
+struct Look {
+    /// Each socket's count.
+    seen: Box<[u64]>,
+    /// Whether the group has gone back to the hash before, so it says so once.
+    said: bool,
+}
+
+/// Gives each socket of a `SO_REUSEPORT` group a CPU lb may run on, if that keeps their
+/// shares equal: a CPU each (fewer sockets than CPUs: the others' connections are
+/// hashed over all of them), or the same number on every CPU (a CPU's connections are
+/// hashed over its sockets). Otherwise, or with one socket, no socket has a CPU, even
+/// one set by an earlier lb on a socket a service manager kept open. Best effort: a
+/// socket that refuses is picked by the hash, as without steering.
 pub(super) fn steer<S: AsFd>(sockets: &[S]) -> Option<Arc<Group>> {
     let cpus = allowed_cpus();
-    if cpus.is_empty() || !sockets.len().is_multiple_of(cpus.len()) {
+    let even = sockets.len() <= cpus.len() || sockets.len().is_multiple_of(cpus.len());
+    if sockets.len() < 2 || cpus.is_empty() || !even {
+        for socket in sockets {
+            unsteer(socket);
+        }
         return None;
     }
     let cpus: Box<[usize]> = cpus.iter().copied().cycle().take(sockets.len()).collect();
-    for (socket, &cpu) in sockets.iter().zip(&cpus) {
-        let _ = SockRef::from(socket).set_cpu_affinity(cpu);
+    let set = sockets
+        .iter()
+        .zip(&cpus)
+        .filter(|(socket, cpu)| SockRef::from(socket).set_cpu_affinity(**cpu).is_ok())
+        .count();
+    if set == 0 {
+        return None;
     }
-    let accepted = cpus.iter().map(|_| Count::default()).collect();
-    Some(Arc::new(Group { cpus, accepted }))
+    let look = Look {
+        seen: cpus.iter().map(|_| 0).collect(),
+        said: false,
+    };
+    Some(Arc::new(Group {
+        accepted: cpus.iter().map(|_| Count::default()).collect(),
+        cpus,
+        hashed_until: AtomicU64::new(0),
+        born: Instant::now(),
+        look: Mutex::new(look),
+    }))
+}
+
+/// Leaves `socket`'s connections to the hash. socket2 passes the CPU on as a C int: -1,
+/// which the kernel reads as none.
+fn unsteer(socket: impl AsFd) {
+    let _ = SockRef::from(&socket).set_cpu_affinity(usize::MAX);
 }
 
 /// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
+pub(super) fn allowed_cpus() -> Vec<usize> {
     let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
         return Vec::new();
     };
@@ -64,100 +120,118 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-/// One steered socket's part of its group, kept by the accept loop of that socket.
+/// One socket of a steered group, as its accept loop holds it.
 #[derive(Debug)]
-pub(super) struct Share {
+pub(super) struct Member {
     group: Arc<Group>,
     index: usize,
-    /// The group's total at this socket's last look.
-    seen: u64,
-    /// Windows until the socket takes its CPU's connections again; 0 while it does.
-    off: u32,
-    /// Whether the socket has given its CPU back before, so it says so only once.
-    said: bool,
+    /// Whether this socket takes its CPU's connections; `None` until the loop first
+    /// brings it in line (a socket handed over by a reload may be either).
+    steered: Option<bool>,
 }
 
-/// Windows a socket that gave its CPU back waits before taking it again: imbalance can be
-/// passing (clients that moved between CPUs for a while), and a CPU that still receives
-/// every connection is given back again after one window.
-const RETRY_AFTER: u32 = 64;
-
-/// What a socket does with its CPU at the end of a window.
-#[derive(Debug, PartialEq, Eq)]
-enum Turn {
-    Keep,
-    GiveBack,
-    TakeAgain,
-}
-
-/// The next `off` and what to do, given `off` and whether the window's share was too big.
-fn turn(off: u32, over: bool) -> (u32, Turn) {
-    match off {
-        0 if over => (RETRY_AFTER, Turn::GiveBack),
-        0 => (0, Turn::Keep),
-        1 => (0, Turn::TakeAgain),
-        _ => (off - 1, Turn::Keep),
-    }
-}
-
-impl Share {
-    /// The part of socket `index` of `group`, for a new accept loop on it. A socket handed
-    /// over by a reload may have given its CPU back under its previous loop: it waits
-    /// before taking it again, as it would have.
-    pub(super) fn new(group: Arc<Group>, index: usize, socket: impl AsFd) -> Share {
-        let cpu = SockRef::from(&socket).cpu_affinity().ok();
-        let off = if cpu == Some(group.cpus[index]) {
-            0
-        } else {
-            RETRY_AFTER
-        };
-        Share {
+impl Member {
+    pub(super) fn new(group: Arc<Group>, index: usize) -> Member {
+        Member {
             group,
             index,
-            seen: 0,
-            off,
-            said: off != 0,
+            steered: None,
         }
     }
 
-    /// Counts a connection `socket` accepted; every [`WINDOW`] of them, a socket that took
-    /// more than its share of the group's connections since its last look gives its CPU
-    /// back for a while.
+    /// Counts a connection `socket` accepted, brings the socket in line with its group,
+    /// and takes the group's look when a window ends.
     pub(super) fn accepted(&mut self, socket: impl AsFd) {
-        let accepted = &self.group.accepted;
-        let mine = accepted[self.index].0.fetch_add(1, Ordering::Relaxed) + 1;
-        if !mine.is_multiple_of(WINDOW) {
-            return;
+        let group = &*self.group;
+        let mine = group.accepted[self.index].0.fetch_add(1, Ordering::Relaxed) + 1;
+        if mine.is_multiple_of(CHECK_EVERY) {
+            group.look(&socket);
         }
-        let total: u64 = accepted.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
-        let since = total - std::mem::replace(&mut self.seen, total);
-        let (off, turn) = turn(self.off, over_share(WINDOW, since, accepted.len()));
-        self.off = off;
-        let socket = SockRef::from(&socket);
-        match turn {
-            Turn::Keep => {}
-            Turn::GiveBack => {
-                // socket2 passes the CPU on as a C int: -1, which the kernel reads as none.
-                let _ = socket.set_cpu_affinity(usize::MAX);
-                if !std::mem::replace(&mut self.said, true) {
-                    let addr = socket.local_addr().ok().and_then(|a| a.as_socket());
-                    info!(
-                        ?addr,
-                        "new connections arrive on few CPUs; spreading them by hash"
-                    );
-                }
-            }
-            Turn::TakeAgain => {
-                let _ = socket.set_cpu_affinity(self.group.cpus[self.index]);
+        let steered = group.steers();
+        if self.steered != Some(steered) {
+            self.steered = Some(steered);
+            if steered {
+                let _ = SockRef::from(&socket).set_cpu_affinity(group.cpus[self.index]);
+            } else {
+                unsteer(&socket);
             }
         }
     }
 }
 
-/// Whether `mine` of `all` connections is more than 1.5 times a fair share of `sockets`.
-fn over_share(mine: u64, all: u64, sockets: usize) -> bool {
-    let sockets = u64::try_from(sockets).unwrap_or(u64::MAX);
-    mine.saturating_mul(sockets).saturating_mul(2) > all.saturating_mul(3)
+impl Group {
+    /// Whether the sockets take their CPUs' connections now.
+    fn steers(&self) -> bool {
+        let until = self.hashed_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if self.now() < until {
+            return false;
+        }
+        // Time is up: back to steering, without reading the clock at every accept.
+        let _ = self
+            .hashed_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        true
+    }
+
+    /// Milliseconds since the group was made; never 0.
+    fn now(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// Once the sockets have taken a window's connections since the last look, looks at
+    /// how they shared them; if unevenly while steered, the hash chooses for a while.
+    /// Another loop taking a look meanwhile has it covered.
+    fn look(&self, socket: impl AsFd) {
+        let Ok(mut look) = self.look.try_lock() else {
+            return;
+        };
+        let now: Vec<u64> = self
+            .accepted
+            .iter()
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .collect();
+        let since: Vec<u64> = now
+            .iter()
+            .zip(&look.seen)
+            .map(|(now, seen)| now.saturating_sub(*seen))
+            .collect();
+        let sockets = u64::try_from(since.len()).unwrap_or(u64::MAX);
+        if since.iter().sum::<u64>() < WINDOW.saturating_mul(sockets) {
+            return;
+        }
+        look.seen = now.into();
+        // While the hash chooses, even shares are its doing.
+        if !self.steers() || !uneven(&since) {
+            return;
+        }
+        let until = self
+            .now()
+            .saturating_add(u64::try_from(HASH_FOR.as_millis()).unwrap_or(u64::MAX));
+        self.hashed_until.store(until, Ordering::Relaxed);
+        if !std::mem::replace(&mut look.said, true) {
+            let addr = SockRef::from(&socket)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket());
+            info!(
+                ?addr,
+                "new connections arrive unevenly over the CPUs; spreading them by hash for a while"
+            );
+        }
+    }
+}
+
+/// Whether a socket took less than half or more than 1.5 times an equal share.
+fn uneven(since: &[u64]) -> bool {
+    let total: u64 = since.iter().sum();
+    let sockets = u64::try_from(since.len()).unwrap_or(u64::MAX);
+    since.iter().any(|&n| {
+        let scaled = n.saturating_mul(sockets).saturating_mul(2);
+        scaled < total || scaled > total.saturating_mul(3)
+    })
 }
 
 #[cfg(test)]
@@ -165,28 +239,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_share_is_too_much_past_one_and_a_half_times_fair() {
-        assert!(!over_share(1024, 2048, 2));
-        assert!(!over_share(1024, 1366, 2));
-        assert!(over_share(1024, 1365, 2));
-        assert!(over_share(1024, 1024, 2));
-        assert!(!over_share(1024, 8192, 8));
-        assert!(over_share(1024, 5000, 8));
-        // One socket alone always has its fair share.
-        assert!(!over_share(1024, 1024, 1));
+    fn a_share_under_half_or_over_one_and_a_half_times_equal_is_uneven() {
+        assert!(!uneven(&[128, 128]));
+        assert!(!uneven(&[100, 156]));
+        assert!(uneven(&[256, 0]));
+        assert!(uneven(&[60, 196]));
+        // Eight of twelve CPUs receive: the other four sockets get nothing.
+        let mut eight_of_twelve = vec![32; 8];
+        eight_of_twelve.extend([0; 4]);
+        assert!(uneven(&eight_of_twelve));
+        assert!(!uneven(&[30, 34, 32, 28, 36, 32, 30, 34]));
     }
 
     #[test]
-    fn a_socket_gives_its_cpu_back_for_a_while_then_takes_it_again() {
-        assert_eq!(turn(0, false), (0, Turn::Keep));
-        let (mut off, first) = turn(0, true);
-        assert_eq!(first, Turn::GiveBack);
-        // While given back, its share says nothing: the hash made it.
-        for _ in 1..RETRY_AFTER {
-            let (next, t) = turn(off, off % 2 == 0);
-            assert_eq!(t, Turn::Keep);
-            off = next;
-        }
-        assert_eq!(turn(off, true), (0, Turn::TakeAgain));
+    fn an_unevenly_shared_window_leaves_the_group_to_the_hash_for_a_while() {
+        let sockets: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let group = steer(&sockets).expect("two sockets on as many CPUs or fewer");
+        assert!(group.steers());
+        // Every connection went to the first socket.
+        group.accepted[0].0.store(2 * WINDOW, Ordering::Relaxed);
+        group.look(&sockets[0]);
+        assert!(!group.steers());
+        let until = group.hashed_until.load(Ordering::Relaxed);
+        let hash_for = u64::try_from(HASH_FOR.as_millis()).unwrap();
+        assert!(until >= hash_for && until <= group.now() + hash_for);
+        // While hashed, an even window is the hash's doing and changes nothing.
+        group.accepted[1].0.store(2 * WINDOW, Ordering::Relaxed);
+        group.look(&sockets[0]);
+        assert_eq!(group.hashed_until.load(Ordering::Relaxed), until);
+        // Once the time is up the group steers again.
+        group.hashed_until.store(group.now(), Ordering::Relaxed);
+        assert!(group.steers());
+        assert_eq!(group.hashed_until.load(Ordering::Relaxed), 0);
     }
 }
