@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn each_socket_has_a_cpu_while_the_cpus_share_them_equally() {
         let cpus = allowed_cpus();
-        if cpus.len() > 32 {
+        if !(2..=32).contains(&cpus.len()) {
             return;
         }
         assert_eq!(cpus_of(&group(cpus.len())), cpus);

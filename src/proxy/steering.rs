@@ -63,6 +63,9 @@ struct Count(AtomicU64);
 struct Look {
     /// Each socket's count.
     seen: Box<[u64]>,
+    /// Whether the hash chose when the window began: its shares then say nothing of
+    /// where the CPUs send connections.
+    began_hashed: bool,
     /// Whether the group has gone back to the hash before, so it says so once.
     said: bool,
 }
@@ -93,6 +96,7 @@ pub(super) fn steer<S: AsFd>(sockets: &[S]) -> Option<Arc<Group>> {
     }
     let look = Look {
         seen: cpus.iter().map(|_| 0).collect(),
+        began_hashed: false,
         said: false,
     };
     Some(Arc::new(Group {
@@ -169,7 +173,7 @@ impl Group {
         if self.now() < until {
             return false;
         }
-        // Time is up: back to steering, without reading the clock at every accept.
+        // Time is up: back to steering, which reads no clock at an accept.
         let _ = self
             .hashed_until
             .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
@@ -178,7 +182,9 @@ impl Group {
 
     /// Milliseconds since the group was made; never 0.
     fn now(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+        u64::try_from(self.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
     }
 
     /// Once the sockets have taken a window's connections since the last look, looks at
@@ -203,8 +209,8 @@ impl Group {
             return;
         }
         look.seen = now.into();
-        // While the hash chooses, even shares are its doing.
-        if !self.steers() || !uneven(&since) {
+        let hashed = !self.steers();
+        if std::mem::replace(&mut look.began_hashed, hashed) || hashed || !uneven(&since) {
             return;
         }
         let until = self
@@ -265,13 +271,20 @@ mod tests {
         let until = group.hashed_until.load(Ordering::Relaxed);
         let hash_for = u64::try_from(HASH_FOR.as_millis()).unwrap();
         assert!(until >= hash_for && until <= group.now() + hash_for);
-        // While hashed, an even window is the hash's doing and changes nothing.
+        // While hashed, a window says nothing of the CPUs, however uneven: no change.
         group.accepted[1].0.store(2 * WINDOW, Ordering::Relaxed);
         group.look(&sockets[0]);
         assert_eq!(group.hashed_until.load(Ordering::Relaxed), until);
-        // Once the time is up the group steers again.
+        // Once the time is up the group steers again; the window that began hashed is
+        // not judged, the next one is.
         group.hashed_until.store(group.now(), Ordering::Relaxed);
         assert!(group.steers());
         assert_eq!(group.hashed_until.load(Ordering::Relaxed), 0);
+        group.accepted[0].0.store(4 * WINDOW, Ordering::Relaxed);
+        group.look(&sockets[0]);
+        assert!(group.steers());
+        group.accepted[0].0.store(6 * WINDOW, Ordering::Relaxed);
+        group.look(&sockets[0]);
+        assert!(!group.steers());
     }
 }
