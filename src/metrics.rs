@@ -47,10 +47,11 @@ pub struct ByteCounter {
     exposed: IntCounter,
 }
 
-/// A cache line (two, against the adjacent-line prefetcher) holding one thread's count.
+/// A count in a cache line (two, against the adjacent-line prefetcher) of its own, for
+/// counts that each thread adds to on its hot path while others only read them.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Slot(AtomicU64);
+pub(crate) struct Slot(pub(crate) AtomicU64);
 
 /// Slots per counter: threads beyond it share slots, which stays correct.
 const SLOTS: usize = 16;

@@ -25,6 +25,8 @@ use nix::unistd::Pid;
 use socket2::SockRef;
 use tracing::info;
 
+use crate::metrics::Slot;
+
 /// Connections per socket between two looks at how the group shared them: enough that
 /// an equal share of them almost never strays by half (16 is one standard deviation).
 pub(super) const WINDOW: u64 = 256;
@@ -43,7 +45,8 @@ const HASH_FOR: Duration = Duration::from_secs(10);
 pub(super) struct Group {
     /// Each socket's CPU.
     cpus: Box<[usize]>,
-    accepted: Box<[Count]>,
+    /// Each socket's accepts, added to by its thread on every accept.
+    accepted: Box<[Slot]>,
     /// Until when, in milliseconds after `born`, the hash chooses; 0 while the sockets
     /// take their CPUs' connections. Each accept loop brings its own socket in line at
     /// its next connection.
@@ -51,12 +54,6 @@ pub(super) struct Group {
     born: Instant,
     look: Mutex<Look>,
 }
-
-/// One socket's count, in a cache line (two, against the adjacent-line prefetcher) of its
-/// own: each thread adds to its count on every accept.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Count(AtomicU64);
 
 /// What the group saw at its last look.
 #[derive(Debug)]
@@ -100,7 +97,7 @@ pub(super) fn steer<S: AsFd>(sockets: &[S]) -> Option<Arc<Group>> {
         said: false,
     };
     Some(Arc::new(Group {
-        accepted: cpus.iter().map(|_| Count::default()).collect(),
+        accepted: cpus.iter().map(|_| Slot::default()).collect(),
         cpus,
         hashed_until: AtomicU64::new(0),
         born: Instant::now(),
