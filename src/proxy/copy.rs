@@ -65,6 +65,19 @@ pin_project! {
         #[pin]
         timer: Sleep,
     }
+
+    // A transfer that ends while a failed direction's last bytes still wait for a peer
+    // that has not taken them (an idle timeout, or lb closing the connection at a drain
+    // deadline or a stop) resets both sides: the other side learns of the failure as a
+    // reset, as it would have once those bytes were through, not as a FIN.
+    impl<S: Service> PinnedDrop for Transfer<'_, S> {
+        fn drop(this: Pin<&mut Self>) {
+            if this.to_backend.failed().or(this.to_client.failed()).is_some() {
+                let _ = this.client.set_zero_linger();
+                let _ = this.upstream.set_zero_linger();
+            }
+        }
+    }
 }
 
 /// Client bytes read before the transfer began, while lb connected: `buf[..start]` went
@@ -151,23 +164,14 @@ impl<S: Service> Future for Transfer<'_, S> {
         while this.timer.as_mut().poll(cx).is_ready() {
             let deadline = *this.last + this.service.idle();
             if deadline <= Instant::now() {
-                let failed = [this.to_backend.flow, this.to_client.flow]
-                    .into_iter()
-                    .find_map(|flow| match flow {
-                        Flow::Failed(kind) => Some(kind),
-                        _ => None,
-                    });
-                let Some(kind) = failed else {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "idle timeout",
-                    )));
-                };
                 // A side failed while its last bytes waited for a peer that never took
-                // them: the other side still learns of it as a reset, not a FIN.
-                let _ = client.set_zero_linger();
-                let _ = upstream.set_zero_linger();
-                return Poll::Ready(Err(kind.into()));
+                // them: the connection ended with that failure (and dropping the transfer
+                // resets both sides), not with a timeout.
+                let failed = this.to_backend.failed().or(this.to_client.failed());
+                return Poll::Ready(Err(match failed {
+                    Some(kind) => kind.into(),
+                    None => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+                }));
             }
             this.timer.as_mut().reset(deadline);
         }
@@ -208,6 +212,15 @@ enum Flow {
 }
 
 impl Direction {
+    /// The error of a reader that failed while the bytes it read before failing are still
+    /// on their way to the writer.
+    fn failed(&self) -> Option<io::ErrorKind> {
+        match self.flow {
+            Flow::Failed(kind) => Some(kind),
+            _ => None,
+        }
+    }
+
     /// Moves bytes from `reader` to `writer` until one of them would block. Every write,
     /// partial or whole, is counted at once and counts as activity: a slow reader that
     /// takes a buffer in small pieces is busy, not idle, and the byte counters are exact
@@ -743,6 +756,91 @@ mod tests {
         client.read_exact(&mut partial).await.expect("partial");
         reset(backend);
         a_reset_reaches(client, transfer).await;
+    }
+
+    /// The backend's last bytes and its reset have arrived while the client has taken
+    /// nothing for a while (the path to it is full): the transfer's first poll reads the
+    /// bytes, finds the reset behind them, and holds the bytes for the client. The client
+    /// and the transfer, not yet polled.
+    async fn failed_behind_a_full_client(
+        idle: Duration,
+    ) -> (TcpStream, Transfer<'static, TestService>) {
+        let (client, client_side) = socket_pair(Buffers::Small).await;
+        let (upstream_side, mut backend) = socket_pair(Buffers::Default).await;
+        // Past tokio's readiness, straight to the kernel, until it takes no more.
+        let filler = [0u8; 4096];
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        while send(client_side.as_raw_fd(), &filler, flags).is_ok() {}
+        // Less than one read's buffer, so the read is short and looks ahead (finding the
+        // reset); more than a full client side frees by acknowledging what it has.
+        backend.write_all(&[1u8; 12 * 1024]).await.expect("send");
+        reset(backend);
+        while !upstream_side
+            .ready(Interest::READABLE)
+            .await
+            .expect("readiness")
+            .is_read_closed()
+        {
+            tokio::task::yield_now().await;
+        }
+        let service: &'static TestService = Box::leak(Box::new(TestService {
+            idle,
+            to_backend: counter("in"),
+            to_client: counter("out"),
+        }));
+        (
+            client,
+            Transfer::new(client_side, upstream_side, service, None),
+        )
+    }
+
+    /// Reads to the end, which must be a reset, not an EOF.
+    async fn read_until_a_reset(mut client: TcpStream) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) => panic!("a clean EOF after {total} bytes, not a reset"),
+                Ok(n) => total += n,
+                Err(err) => {
+                    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+                    return;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_still_waiting_for_a_full_client_is_a_reset_at_the_idle_timeout() {
+        let idle = Duration::from_millis(300);
+        let (client, transfer) = failed_behind_a_full_client(idle).await;
+        let started = Instant::now();
+        let err = tokio::spawn(transfer)
+            .await
+            .expect("task")
+            .expect_err("the backend's reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(started.elapsed() >= idle - Duration::from_millis(50));
+        read_until_a_reset(client).await;
+    }
+
+    /// lb closes a connection (a drain deadline, a stop) by dropping its transfer.
+    #[tokio::test]
+    async fn a_failure_still_waiting_for_a_full_client_is_a_reset_when_lb_closes_it() {
+        let (client, transfer) = failed_behind_a_full_client(Duration::from_secs(30)).await;
+        let mut transfer = Box::pin(transfer);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(transfer.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the client took the bytes");
+        assert_eq!(
+            transfer.to_client.failed(),
+            Some(io::ErrorKind::ConnectionReset)
+        );
+        assert!(
+            transfer.to_client.held.is_some(),
+            "no bytes wait for the client"
+        );
+        drop(transfer);
+        read_until_a_reset(client).await;
     }
 
     #[tokio::test]
