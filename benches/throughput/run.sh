@@ -3,7 +3,7 @@
 # HTTP backends; prints every row of issue 10's table as medians and ratios.
 #
 #   cargo build --release && benches/throughput/run.sh
-#   PARTS=memory benches/throughput/run.sh     # any of: throughput memory syscalls packets
+#   PARTS=memory benches/throughput/run.sh     # any of: throughput memory syscalls packets profile
 #   LB_BASELINE=/path/to/older/lb benches/throughput/run.sh   # adds a column (before/after)
 #
 # throughput: RUNS rounds (default 3); in each, every workload runs against every peer in
@@ -27,12 +27,15 @@
 # syscalls: system calls per request, `strace -c -f` on each proxy during wrk -t1 -c16
 # -d5s, keep-alive and new connection (strace slows the proxy: counts, not speed).
 #
+# profile: where each proxy's CPU goes, perf record during one keep-alive and one
+# new-connection run: the kernel's share, and CPU per request inside each system call.
+#
 # packets: TCP segments per request on the whole machine (nstat), keep-alive and new
 # connection, wrk -t2 -cCONNECTIONS for 3 s against each peer and a direct connection.
 #
 # Needs wrk, ab (apache2-utils), haproxy, nginx-light, libnginx-mod-stream (Debian
-# packages), python3, strace for the syscalls part and nstat (iproute2) for the packets
-# part. Each peer is tuned as its own documentation recommends for plain TCP balancing on
+# packages), python3, strace for the syscalls part, nstat (iproute2) for the packets part and
+# perf (linux-perf) for the profile part. Each peer is tuned as its own documentation recommends for plain TCP balancing on
 # this machine: HAProxy with `mode tcp`, one thread per CPU (its default;
 # HAPROXY_THREADS to change) and `option splice-auto`; nginx with `worker_processes auto`
 # and a `stream` upstream; lb with its defaults (`threads: auto`).
@@ -307,6 +310,44 @@ packets() {
   stop_peers
 }
 
+# Where each proxy's CPU goes: `perf record -e cpu-clock -g` on it (all of its threads and
+# processes) during one measured run of a workload; prints its CPU per request, the share
+# of it spent in the kernel, and the CPU per request inside each of its busiest system
+# calls (inclusive: a call on loopback also runs the receiving side's TCP input).
+syscall_names="accept4 connect socket close shutdown recvfrom sendto recvmsg sendmsg read write readv writev splice epoll_wait epoll_ctl setsockopt getsockopt ioctl fcntl"
+profile() {
+  command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; }
+  start_peers
+  echo
+  echo "| load | peer | proxy µs CPU per request | in the kernel | µs per request inside each system call |"
+  echo "| --- | --- | --- | --- | --- |"
+  for mode in keep-alive new-conn; do
+    for peer in "${peers[@]}"; do
+      [ "$peer" = direct ] && continue
+      local targets recorder rate p99 cpu failed kernel calls
+      targets=$(echo "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true) | tr ' ' ,)
+      perf record -q -e cpu-clock -g -p "$targets" -o "$work/perf.data" > /dev/null 2>&1 &
+      recorder=$!
+      read -r rate p99 cpu failed < <(measure "$mode" "$peer")
+      kill -INT "$recorder"; wait "$recorder" 2>/dev/null || true
+      kernel=$(perf report -i "$work/perf.data" --no-children --sort dso -g none --stdio 2> /dev/null |
+        awk '$2 == "[kernel.kallsyms]" {print $1 + 0}')
+      # Inclusive shares of the kernel's system call entry points (`__x64_sys_close`, or
+      # `__sys_sendmsg` where the kernel inlined the first): the kernel's own stacks are
+      # whole, whatever the proxy was built with.
+      calls=$(perf report -i "$work/perf.data" --children --sort sym -g none --stdio 2> /dev/null |
+        awk -v cpu="$cpu" -v known="$syscall_names" '
+          BEGIN {split(known, k, " "); for (i in k) wanted[k[i]] = 1}
+          $3 == "[k]" {name = $4; sub(/^_+(x64_|do_)?sys_/, "", name)
+            if (name in wanted && $1 + 0 > share[name]) share[name] = $1 + 0}
+          END {for (n in share) if (share[n] >= 2) printf "%s %.1f\n", n, share[n] / 100 * cpu}' |
+        sort -k2 -gr | awk '{line = line sprintf(" `%s` %s,", $1, $2)} END {sub(/,$/, "", line); print line}')
+      echo "| $mode | $peer | $cpu | ${kernel:-?} % |$calls |"
+    done
+  done
+  stop_peers
+}
+
 # Resident memory of a process and its children, in kB.
 rss_kb() { tree_sum "$1" status '/^VmRSS/ {print $2}'; }
 
@@ -423,3 +464,4 @@ case " $parts " in *" memory "*) memory ;; esac
 case " $parts " in *" throughput "*) throughput_summary ;; esac
 case " $parts " in *" syscalls "*) syscalls ;; esac
 case " $parts " in *" packets "*) packets ;; esac
+case " $parts " in *" profile "*) profile ;; esac
