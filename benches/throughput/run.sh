@@ -35,7 +35,9 @@
 #
 # Needs wrk, ab (apache2-utils), haproxy, nginx-light, libnginx-mod-stream (Debian
 # packages), python3, strace for the syscalls part, nstat (iproute2) for the packets part and
-# perf (linux-perf) for the profile part. Each peer is tuned as its own documentation recommends for plain TCP balancing on
+# perf (linux-perf; as root, or with kernel.perf_event_paranoid ≤ 1 and kernel symbols
+# visible) for the profile part. Each peer is tuned as its own documentation recommends for
+# plain TCP balancing on
 # this machine: HAProxy with `mode tcp`, one thread per CPU (its default;
 # HAPROXY_THREADS to change) and `option splice-auto`; nginx with `worker_processes auto`
 # and a `stream` upstream; lb with its defaults (`threads: auto`).
@@ -313,7 +315,8 @@ packets() {
 # Where each proxy's CPU goes: `perf record -e cpu-clock -g` on it (all of its threads and
 # processes) during one measured run of a workload; prints its CPU per request, the share
 # of it spent in the kernel, and the CPU per request inside each of its busiest system
-# calls (inclusive: a call on loopback also runs the receiving side's TCP input).
+# calls (inclusive: a call on loopback also runs the receiving side's TCP input). The CPU
+# figure includes perf's own sampling.
 syscall_names="accept4 connect socket close shutdown recvfrom sendto recvmsg sendmsg read write readv writev splice epoll_wait epoll_ctl setsockopt getsockopt ioctl fcntl"
 profile() {
   command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; }
@@ -326,12 +329,14 @@ profile() {
       [ "$peer" = direct ] && continue
       local targets recorder rate p99 cpu failed kernel calls
       targets=$(echo "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true) | tr ' ' ,)
-      perf record -q -e cpu-clock -g -p "$targets" -o "$work/perf.data" > /dev/null 2>&1 &
-      recorder=$!
+      perf record -q -e cpu-clock -g -p "$targets" -o "$work/perf.data" > /dev/null 2> "$work/perf.err" &
+      recorder=$!; pids+=("$recorder")
       read -r rate p99 cpu failed < <(measure "$mode" "$peer")
-      kill -INT "$recorder"; wait "$recorder" 2>/dev/null || true
-      kernel=$(perf report -i "$work/perf.data" --no-children --sort dso -g none --stdio 2> /dev/null |
-        awk '$2 == "[kernel.kallsyms]" {print $1 + 0}')
+      kill -INT "$recorder" 2>/dev/null || true; wait "$recorder" 2>/dev/null || true
+      [ -s "$work/perf.data" ] || { echo "perf recorded nothing:" >&2; cat "$work/perf.err" >&2; exit 1; }
+      # Every kernel sample, modules (conntrack) included.
+      kernel=$(perf report -i "$work/perf.data" --no-children --sort sym -g none --stdio 2> /dev/null |
+        awk '$2 == "[k]" {s += $1} END {printf "%.1f", s}' || true)
       # Inclusive shares of the kernel's system call entry points (`__x64_sys_close`, or
       # `__sys_sendmsg` where the kernel inlined the first): the kernel's own stacks are
       # whole, whatever the proxy was built with.
@@ -341,7 +346,7 @@ profile() {
           $3 == "[k]" {name = $4; sub(/^_+(x64_|do_)?sys_/, "", name)
             if (name in wanted && $1 + 0 > share[name]) share[name] = $1 + 0}
           END {for (n in share) if (share[n] >= 2) printf "%s %.1f\n", n, share[n] / 100 * cpu}' |
-        sort -k2 -gr | awk '{line = line sprintf(" `%s` %s,", $1, $2)} END {sub(/,$/, "", line); print line}')
+        sort -k2 -gr | awk '{line = line sprintf(" `%s` %s,", $1, $2)} END {sub(/,$/, "", line); print line}' || true)
       echo "| $mode | $peer | $cpu | ${kernel:-?} % |$calls |"
     done
   done

@@ -67,8 +67,8 @@ pin_project! {
     }
 
     // A transfer that ends while a failed direction's last bytes still wait for a peer
-    // that has not taken them (an idle timeout, or lb closing the connection at a drain
-    // deadline or a stop) resets both sides: the other side learns of the failure as a
+    // that has not taken them (an idle timeout, or lb closing the connection at its drain
+    // deadline) resets both sides: the other side learns of the failure as a
     // reset, as it would have once those bytes were through, not as a FIN.
     impl<S: Service> PinnedDrop for Transfer<'_, S> {
         fn drop(this: Pin<&mut Self>) {
@@ -772,8 +772,9 @@ mod tests {
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
         while send(client_side.as_raw_fd(), &filler, flags).is_ok() {}
         // Less than one read's buffer, so the read is short and looks ahead (finding the
-        // reset); more than a full client side frees by acknowledging what it has.
-        backend.write_all(&[1u8; 12 * 1024]).await.expect("send");
+        // reset); more than the client side can free once its peer acknowledges what it
+        // holds (4 KiB buffers, which the kernel doubles and then keeps).
+        backend.write_all(&[1u8; 15 * 1024]).await.expect("send");
         reset(backend);
         while !upstream_side
             .ready(Interest::READABLE)
@@ -824,7 +825,7 @@ mod tests {
         read_until_a_reset(client).await;
     }
 
-    /// lb closes a connection (a drain deadline, a stop) by dropping its transfer.
+    /// lb closes a connection (its drain deadline) by dropping its transfer.
     #[tokio::test]
     async fn a_failure_still_waiting_for_a_full_client_is_a_reset_when_lb_closes_it() {
         let (client, transfer) = failed_behind_a_full_client(Duration::from_secs(30)).await;
