@@ -472,6 +472,29 @@ mod tests {
         socket
     }
 
+    /// A service leaked, so a transfer's task can borrow it for as long as it runs.
+    fn test_service(idle: Duration) -> &'static TestService {
+        Box::leak(Box::new(TestService {
+            idle,
+            to_backend: counter("in"),
+            to_client: counter("out"),
+        }))
+    }
+
+    /// Waits until the event loop has seen the reset `socket` received, so a transfer's
+    /// first read finds it (an accepted socket counts as readable at first, so yield
+    /// until the loop has polled it).
+    async fn seen_reset(socket: &TcpStream) {
+        while !socket
+            .ready(Interest::READABLE)
+            .await
+            .expect("readiness")
+            .is_read_closed()
+        {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Two connected loopback sockets.
     async fn socket_pair(buffers: Buffers) -> (TcpStream, TcpStream) {
         let listening = socket(buffers);
@@ -488,7 +511,6 @@ mod tests {
     }
 
     /// A client and a backend, with a transfer between them running in its own task.
-    /// The service is leaked so the task can borrow it for as long as it runs.
     async fn proxied(
         idle: Duration,
     ) -> (
@@ -511,11 +533,7 @@ mod tests {
     ) {
         let (client, client_side) = socket_pair(buffers).await;
         let (upstream_side, backend) = socket_pair(buffers).await;
-        let service: &'static TestService = Box::leak(Box::new(TestService {
-            idle,
-            to_backend: counter("in"),
-            to_client: counter("out"),
-        }));
+        let service = test_service(idle);
         let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service, None));
         (client, backend, service, transfer)
     }
@@ -722,21 +740,8 @@ mod tests {
         let (upstream_side, mut backend) = socket_pair(Buffers::Small).await;
         client.write_all(b"last words").await.expect("send");
         reset(client);
-        // The event loop has seen the reset before the transfer's first read (an accepted
-        // socket counts as readable at first, so yield until the loop has polled it).
-        while !client_side
-            .ready(Interest::READABLE)
-            .await
-            .expect("readiness")
-            .is_read_closed()
-        {
-            tokio::task::yield_now().await;
-        }
-        let service: &'static TestService = Box::leak(Box::new(TestService {
-            idle: Duration::from_secs(30),
-            to_backend: counter("in"),
-            to_client: counter("out"),
-        }));
+        seen_reset(&client_side).await;
+        let service = test_service(Duration::from_secs(30));
         let transfer = tokio::spawn(Transfer::new(client_side, upstream_side, service, None));
         let mut words = [0u8; 10];
         backend
@@ -776,19 +781,8 @@ mod tests {
         // holds (4 KiB buffers, which the kernel doubles and then keeps).
         backend.write_all(&[1u8; 15 * 1024]).await.expect("send");
         reset(backend);
-        while !upstream_side
-            .ready(Interest::READABLE)
-            .await
-            .expect("readiness")
-            .is_read_closed()
-        {
-            tokio::task::yield_now().await;
-        }
-        let service: &'static TestService = Box::leak(Box::new(TestService {
-            idle,
-            to_backend: counter("in"),
-            to_client: counter("out"),
-        }));
+        seen_reset(&upstream_side).await;
+        let service = test_service(idle);
         (
             client,
             Transfer::new(client_side, upstream_side, service, None),
