@@ -68,8 +68,8 @@ pin_project! {
 
     // A transfer that ends while a failed direction's last bytes still wait for a peer
     // that has not taken them (an idle timeout, or lb closing the connection at its drain
-    // deadline) resets both sides: the other side learns of the failure as a
-    // reset, as it would have once those bytes were through, not as a FIN.
+    // deadline) resets both sides: the other side learns of the failure as a reset, as it
+    // would have once those bytes were through, not as a FIN.
     impl<S: Service> PinnedDrop for Transfer<'_, S> {
         fn drop(this: Pin<&mut Self>) {
             if this.to_backend.failed().or(this.to_client.failed()).is_some() {
