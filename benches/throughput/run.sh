@@ -7,7 +7,8 @@
 #   LB_BASELINE=/path/to/older/lb benches/throughput/run.sh   # adds a column (before/after)
 #
 # throughput: RUNS rounds (default 3); in each, every workload runs against every peer in
-# turn (interleaved, so a slow moment of the shared machine hits every peer alike):
+# turn (interleaved, so a slow moment of the shared machine hits every peer alike; each
+# round starts with the next peer):
 #   keep-alive    wrk -t2 -cCONNECTIONS (64), a 128-byte page, DURATION s (default 8)
 #   new-conn      the same with `Connection: close`: a new connection per request
 #   ab            ab -c CONNECTIONS: a new connection per request, one client thread
@@ -217,9 +218,14 @@ throughput() {
   start_peers
   echo "| run | workload | peer | requests/s (bulk: Gbit/s) | p99 ms | proxy µs CPU per request (bulk: s per GB) | failed |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
+  local run turn order
   for run in $(seq "$runs"); do
+    # Each round starts one peer later, so that no peer always runs right after the same
+    # one (what a run leaves behind, such as sockets in TIME_WAIT, falls on every peer).
+    turn=$(((run - 1) % ${#peers[@]}))
+    order=("${peers[@]:turn}" "${peers[@]:0:turn}")
     for workload in keep-alive new-conn ab bulk; do
-      for peer in "${peers[@]}"; do
+      for peer in "${order[@]}"; do
         read -r rate p99 cpu failed < <(measure "$workload" "$peer")
         echo "| $run | $workload | $peer | $rate | $p99 | $cpu | $failed |"
         echo "$workload $peer $rate $p99 $cpu $run" >> "$work/throughput.txt"
