@@ -70,11 +70,14 @@ stream_module=$(ls /usr/lib/nginx/modules/ngx_stream_module.so 2>/dev/null || tr
 
 b1=$base; b2=$((base + 1)); p_lb=$((base + 2)); p_haproxy=$((base + 3)); p_nginx=$((base + 4)); p_base=$((base + 5)); admin=$((base + 6))
 
+# A process and its children (nginx's workers), one PID a line.
+tree() { echo "$1"; pgrep -P "$1" || true; }
+
 # The sum, over a process and its children, of what awk program $3 prints from their
 # /proc/PID/$2 (0 for a process that is gone).
 tree_sum() { # $1 pid, $2 file under /proc/PID, $3 awk program
   local total=0 pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
+  for pid in $(tree "$1"); do
     total=$((total + $(awk "$3" "/proc/$pid/$2" 2>/dev/null || echo 0)))
   done
   echo "$total"
@@ -296,7 +299,7 @@ syscalls() {
       local header=() tracer requests
       [ "$mode" = new-conn ] && header=(-H "Connection: close")
       local traced=()
-      for p in "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true); do traced+=(-p "$p"); done
+      for p in $(tree "${peer_pid[$peer]}"); do traced+=(-p "$p"); done
       strace -c -f "${traced[@]}" -o "$work/strace.txt" 2> /dev/null &
       tracer=$!
       sleep 1
@@ -353,7 +356,7 @@ profile() {
     for peer in "${peers[@]}"; do
       [ "$peer" = direct ] && continue
       local targets recorder rate p99 cpu failed kernel calls
-      targets=$(echo "${peer_pid[$peer]}" $(pgrep -P "${peer_pid[$peer]}" || true) | tr ' ' ,)
+      targets=$(tree "${peer_pid[$peer]}" | paste -sd,)
       perf record -q -e cpu-clock -g -p "$targets" -o "$work/perf.data" > /dev/null 2> "$work/perf.err" &
       recorder=$!; pids+=("$recorder")
       read -r rate p99 cpu failed < <(measure "$mode" "$peer")
